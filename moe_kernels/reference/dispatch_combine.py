@@ -1,0 +1,103 @@
+"""Single-card dispatch and combine (spec §2.6, §2.8), keyed by route.
+
+Dispatch scans routes in t-major, k-minor order and appends each to its local expert's
+rows. Combine writes every expert row back to its route r = t·K + k, so a token that
+picks one expert twice keeps both contributions (the token-keyed scratch of §2.8 would
+overwrite one), then reduces sh + Σ_k in FP32, k = 0..K-1.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..numerics import bf16_rint
+
+
+class RecvBuffers(NamedTuple):
+    """One rank's received rows, per local expert, `capacity` slots each."""
+
+    x: torch.Tensor       # [NL, C, D] INT8
+    scale: torch.Tensor   # [NL, C] FP32
+    weight: torch.Tensor  # [NL, C] FP32
+    route: torch.Tensor   # [NL, C] INT32, origin route id t·K + k (-1 in unused slots)
+    count: torch.Tensor   # [NL] INT64
+
+
+class CapacityError(ValueError):
+    """More rows for a local expert than its receive window holds."""
+
+
+def dispatch_single(indices: torch.Tensor, x_i8: torch.Tensor, x_scale: torch.Tensor,
+                    weights: torch.Tensor, n_local: int, capacity: int | None = None
+                    ) -> RecvBuffers:
+    """indices [T,K] local expert ids in [0, n_local) -> RecvBuffers.
+
+    capacity None sizes the window to the busiest expert; a given capacity that is too
+    small raises CapacityError naming the expert, its count and the capacity.
+    """
+    t_tokens, k = indices.shape
+    flat = indices.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n_local):
+        raise ValueError(f"indices must lie in [0, {n_local}), got range "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    count = torch.bincount(flat, minlength=n_local)
+    need = int(count.max()) if count.numel() else 0
+    cap = need if capacity is None else capacity
+    if need > cap:
+        e = int(torch.argmax(count))
+        raise CapacityError(f"local expert {e} receives {need} rows, capacity is {cap}")
+    # slot of route r = number of earlier routes (scan order) to the same expert
+    onehot = torch.nn.functional.one_hot(flat, n_local)
+    slot = (torch.cumsum(onehot, dim=0) - onehot).gather(1, flat[:, None]).squeeze(1)
+    d = x_i8.shape[-1]
+    routes = torch.arange(t_tokens * k)
+    tok = routes // k
+    buf = RecvBuffers(
+        x=torch.zeros(n_local, cap, d, dtype=torch.int8),
+        scale=torch.zeros(n_local, cap, dtype=torch.float32),
+        weight=torch.zeros(n_local, cap, dtype=torch.float32),
+        route=torch.full((n_local, cap), -1, dtype=torch.int32),
+        count=count)
+    buf.x[flat, slot] = x_i8[tok]
+    buf.scale[flat, slot] = x_scale.reshape(-1)[tok]
+    buf.weight[flat, slot] = weights.reshape(-1)
+    buf.route[flat, slot] = routes.to(torch.int32)
+    return buf
+
+
+def scatter_to_routes(recv_y: torch.Tensor, recv_route: torch.Tensor,
+                      recv_count: torch.Tensor, n_routes: int) -> torch.Tensor:
+    """routed_y_buf [n_routes, D] BF16: row r holds the expert output of route r.
+
+    Every route must be written exactly once; a missing or repeated route is an error.
+    """
+    d = recv_y.shape[-1]
+    out = torch.zeros(n_routes, d, dtype=recv_y.dtype)
+    seen = torch.zeros(n_routes, dtype=torch.int64)
+    for e, n in enumerate(recv_count.reshape(-1).tolist()):
+        rr = recv_route[e, :n].to(torch.int64)
+        out[rr] = recv_y[e, :n]
+        seen.index_add_(0, rr, torch.ones_like(rr))
+    if not bool((seen == 1).all()):
+        bad = torch.nonzero(seen != 1).flatten()[:5].tolist()
+        raise RuntimeError(f"routes written {seen[bad].tolist()} times at {bad}: "
+                           f"every route must be returned exactly once")
+    return out
+
+
+def reduce_routes(sh: torch.Tensor, routed_y_buf: torch.Tensor, k: int) -> torch.Tensor:
+    """ffn_out [T,D] BF16 = bf16(FP32(sh) + Σ_{k=0}^{K-1} FP32(routed_y_buf[t·K + k])) (§3.6)."""
+    t_tokens, d = sh.shape
+    ys = routed_y_buf.to(torch.float32).reshape(t_tokens, k, d)
+    acc = sh.to(torch.float32)
+    for j in range(k):
+        acc = acc + ys[:, j]
+    return bf16_rint(acc)
+
+
+def combine_single(recv_y: torch.Tensor, recv: RecvBuffers, sh: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """Single-card combine: scatter every expert row to its route, then reduce."""
+    buf = scatter_to_routes(recv_y, recv.route, recv.count, sh.shape[0] * k)
+    return reduce_routes(sh, buf, k)
