@@ -50,11 +50,12 @@ def quantize_rows_int8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if v.dtype != torch.float32:
         raise TypeError(f"quantize_rows_int8 expects float32 input, got {v.dtype}")
-    amax = v.abs().amax(dim=-1, keepdim=True).clamp_min(INT8_AMAX_EPS)
+    amax = torch.maximum(v.amax(dim=-1, keepdim=True), -v.amin(dim=-1, keepdim=True))
+    amax = amax.clamp_min(INT8_AMAX_EPS)
     qs = torch.tensor(INT8_SCALE_MAX, dtype=torch.float32) / amax
     scale = torch.tensor(1.0, dtype=torch.float32) / qs
-    q32 = torch.round(v * qs).to(torch.int32)          # rint: half to even
-    q = q32.to(torch.float16).trunc().to(torch.int8)    # -> FP16 (round) -> INT8 (trunc)
+    q32 = (v * qs).round_().to(torch.int32)             # rint: half to even
+    q = q32.to(torch.float16).to(torch.int8)            # -> FP16 (round) -> INT8 (trunc)
     return q, scale
 
 
@@ -64,14 +65,22 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def int8_matmul_i32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact INT32 accumulation of a [.., M, K] INT8 @ b [.., N, K]^T INT8 -> [.., M, N] INT32.
+    """Exact INT32 accumulation of a [M, K] INT8 @ b [N, K]^T INT8 -> [M, N] INT32.
 
-    Computed in FP64: every product and partial sum is an integer below 2**53, so the
-    result is exact whatever the summation order (and so independent of the batch).
+    Uses torch's integer GEMM (`torch._int_mm`, exact by construction). Where it is not
+    available the product is taken in FP64, also exact: every product and partial sum is
+    an integer below 2**53, whatever the summation order. Either way a row's result does
+    not depend on the other rows of the batch.
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_matmul_i32 expects int8 operands, got {a.dtype}, {b.dtype}")
-    return torch.matmul(a.to(torch.float64), b.to(torch.float64).transpose(-1, -2)).to(torch.int32)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"int8_matmul_i32 expects [M,K] @ [N,K]^T, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    try:
+        return torch._int_mm(a.contiguous(), b.t())
+    except (RuntimeError, AttributeError):  # pragma: no cover - torch builds without it
+        return torch.matmul(a.to(torch.float64), b.to(torch.float64).t()).to(torch.int32)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,28 @@
+# `make run`: set up .venv on a fresh machine and run the workbook's main job.
+# `make test`: set up .venv and run the tests (what CI runs, via .ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --editable '.[test]'
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m moe_kernels layer --preset demo --ranks 1 --batch 64 --seq 2
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check moe_kernels tests benchmarks
+
+clean:
+	rm -rf build .cache .pytest_cache .hypothesis
