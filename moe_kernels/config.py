@@ -191,7 +191,7 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Rebuild from `to_dict()` output (used to replay a dump)."""
         fields = ModelConfig.__dataclass_fields__
         model = ModelConfig(**{k: d[k] for k in fields if k in d})

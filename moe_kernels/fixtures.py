@@ -80,7 +80,7 @@ class Weights:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, torch.Tensor]) -> "Weights":
+    def from_dict(cls, d: dict[str, torch.Tensor]) -> Weights:
         return cls(**{f.name: d[f.name] for f in fields(cls)})
 
     def routed_shard(self, rank: int, n_local: int) -> dict[str, torch.Tensor]:
@@ -122,7 +122,7 @@ def make_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
         done = list(pool.map(lambda j: quantized_weight(seed, *j), jobs))
     routed: dict[str, list[torch.Tensor]] = {n: [] for n in
                                              ("w1", "w1_scale", "w3", "w3_scale", "w2", "w2_scale")}
-    for (name, _, _), (q, s) in zip(jobs, done):
+    for (name, _, _), (q, s) in zip(jobs, done, strict=True):
         key = name.split("_", 1)[1].split("[")[0]
         routed[key].append(q)
         routed[f"{key}_scale"].append(s)

@@ -4,6 +4,7 @@ import hashlib
 
 import numpy as np
 import pytest
+import spec_math as sm
 import torch
 
 from moe_kernels.config import RunConfig, get_preset
@@ -11,7 +12,6 @@ from moe_kernels.dump import load_dump, replay_inputs, save_dump
 from moe_kernels.fixtures import make_inputs, make_weights
 from moe_kernels.layer import STAGE_KEYS, reference_layer
 from moe_kernels.numerics import ratio_reldiff
-import spec_math as sm
 
 
 def check_against_spec(run, seed):

@@ -4,10 +4,15 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from moe_kernels.numerics import (bf16_rint, dequantize_rows, int8_matmul_i32,
-                                  quantize_rows_int8, ratio_reldiff)
 from spec_math import bf16_rne_bits, q8_rows
+
+from moe_kernels.numerics import (
+    bf16_rint,
+    dequantize_rows,
+    int8_matmul_i32,
+    quantize_rows_int8,
+    ratio_reldiff,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

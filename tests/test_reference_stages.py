@@ -2,19 +2,23 @@
 on the tiny preset and a demo-sized shape, several seeds (spec §2, tolerances §5.3)."""
 import numpy as np
 import pytest
+import spec_math as sm
 import torch
 
 from moe_kernels.config import get_preset
 from moe_kernels.fixtures import make_tid2eid, quantized_weight
 from moe_kernels.numerics import quantize_rows_int8, ratio_reldiff
-from moe_kernels.reference.dispatch_combine import (CapacityError, combine_single,
-                                                    dispatch_single, reduce_routes)
+from moe_kernels.reference.dispatch_combine import (
+    CapacityError,
+    combine_single,
+    dispatch_single,
+    reduce_routes,
+)
 from moe_kernels.reference.expert_routed import expert_routed
 from moe_kernels.reference.expert_shared import expert_shared
 from moe_kernels.reference.gate import gate, select_sort
 from moe_kernels.reference.hc_post import hc_post
 from moe_kernels.reference.hc_pre import hc_pre
-import spec_math as sm
 
 SEEDS = [0, 1, 2]
 # (preset, model overrides) -> tiny, and demo-width with fewer experts to stay fast
@@ -71,7 +75,8 @@ def gate_inputs(cfg, seed, t=6):
     gate_w = rand(seed + 2, e, d, scale=d ** -0.5)
     bias = rand(seed + 3, e, scale=0.05)
     tid2eid = make_tid2eid(seed, cfg.vocab_size, e, cfg.num_experts_per_tok)
-    ids = torch.randint(0, cfg.vocab_size, (2, t // 2), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (2, t // 2), generator=gen)
     return x_mixed, norm_w, gate_w, bias, tid2eid, ids
 
 
@@ -245,11 +250,14 @@ def test_combine_keeps_both_routes_of_a_duplicated_expert():
 
 
 def test_reduce_order_is_sh_then_k():
-    # in FP32, (1 + 2^-24) + 2^-24 - ... order matters; check the spec order exactly
+    """FP32 sum order matters: sh first, then k = 0..K-1 (spec §3.6). Here summing the
+    routed rows first would give 1 + 2^-8 + 2^-23, which rounds up to BF16 1 + 2^-7;
+    the spec order absorbs each 2^-24 into the tie and rounds to 1.0."""
     sh = torch.tensor([[1.0]], dtype=torch.bfloat16)
-    ys = torch.tensor([[2.0 ** -9], [2.0 ** -9]], dtype=torch.bfloat16)
-    acc = torch.tensor([1.0]) + torch.tensor([2.0 ** -9]) + torch.tensor([2.0 ** -9])
-    assert reduce_routes(sh, ys, 2).to(torch.float32).item() == acc.to(torch.bfloat16).float().item()
+    ys = torch.tensor([[2.0 ** -8], [2.0 ** -24], [2.0 ** -24]], dtype=torch.bfloat16)
+    assert reduce_routes(sh, ys, 3).to(torch.float32).item() == 1.0
+    ys_first = (ys.float().sum() + 1.0).to(torch.bfloat16).float().item()
+    assert ys_first == 1.0 + 2.0 ** -7
 
 
 @pytest.mark.parametrize("shape", SHAPES)
