@@ -105,15 +105,29 @@ def make_tid2eid(seed: int, vocab: int, n_experts: int, k: int) -> torch.Tensor:
     return torch.argsort(keys, dim=1)[:, :k].to(torch.int32)
 
 
-def make_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
-    """All layer weights for preset `cfg`, deterministic in `seed`."""
-    d, i_dim, e, k = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts,
-                      cfg.num_experts_per_tok)
+def make_gate_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The hc_pre and gate weights alone (hc_fn, hc_scale, hc_base, norm_w, gate_w,
+    gate_bias, tid2eid): what routing needs, without building any expert."""
+    d, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     if cfg.mix_hc == len(HC_FFN_BASE):
         base = torch.tensor(HC_FFN_BASE, dtype=torch.float32)
     else:  # no published base for this hc_mult: same mean and spread, seeded
         ref = torch.tensor(HC_FFN_BASE)
         base = ref.mean() + ref.std() * _randn(seed, "hc_base", cfg.mix_hc)
+    return {
+        "hc_fn": _randn(seed, "hc_fn", cfg.mix_hc, cfg.hc_dim) * HC_FN_STD,
+        "hc_scale": torch.tensor(HC_FFN_SCALE, dtype=torch.float32),
+        "hc_base": base.to(torch.float32),
+        "norm_w": torch.ones(d, dtype=torch.float32),
+        "gate_w": _randn(seed, "gate_w", e, d) / math.sqrt(d),
+        "gate_bias": _randn(seed, "gate_bias", e) * GATE_BIAS_STD,
+        "tid2eid": make_tid2eid(seed, cfg.vocab_size, e, k),
+    }
+
+
+def make_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
+    """All layer weights for preset `cfg`, deterministic in `seed`."""
+    d, i_dim, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     jobs = [(f"routed_{name}[{ex}]", n_out, k_in) for ex in range(e)
             for name, n_out, k_in in (("w1", i_dim, d), ("w3", i_dim, d), ("w2", d, i_dim))]
     # torch releases the GIL in its kernels: two threads halve the wall time on 2 cores,
@@ -130,13 +144,7 @@ def make_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
     sw3, sw3s = quantized_weight(seed, "shared_w3", i_dim, d)
     sw2, sw2s = quantized_weight(seed, "shared_w2", d, i_dim)
     return Weights(
-        hc_fn=_randn(seed, "hc_fn", cfg.mix_hc, cfg.hc_dim) * HC_FN_STD,
-        hc_scale=torch.tensor(HC_FFN_SCALE, dtype=torch.float32),
-        hc_base=base.to(torch.float32),
-        norm_w=torch.ones(d, dtype=torch.float32),
-        gate_w=_randn(seed, "gate_w", e, d) / math.sqrt(d),
-        gate_bias=_randn(seed, "gate_bias", e) * GATE_BIAS_STD,
-        tid2eid=make_tid2eid(seed, cfg.vocab_size, e, k),
+        **make_gate_weights(cfg, seed),
         shared_w1=sw1, shared_w1_scale=sw1s, shared_w3=sw3, shared_w3_scale=sw3s,
         shared_w2=sw2, shared_w2_scale=sw2s,
         **{f"routed_{n}": torch.stack(v) for n, v in routed.items()})

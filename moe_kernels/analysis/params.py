@@ -1,0 +1,142 @@
+"""Notebook parameter validation: the first code cell of every notebook calls
+`validate_params(...)`, which fails with a `ParameterError` naming the parameter, its
+value and the allowed values, before anything deep in the package runs."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESETS, ROUTING_MODES, ConfigError, ModelConfig, RunConfig, get_preset
+
+TRANSPORTS: tuple[str, ...] = ("local", "gloo")
+BACKENDS: tuple[str, ...] = ("torch", "pypto")
+#: Relative figures_dir values resolve against the repository root (the folder holding
+#: the moe_kernels package), so a notebook writes to the same place from any cwd.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ParameterError(ConfigError):
+    """A notebook parameter is invalid; the message names it, its value and what is allowed."""
+
+    def __init__(self, name: str, value: Any, allowed: str) -> None:
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"parameter {name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v)))
+
+
+@dataclass(frozen=True)
+class NotebookParams:
+    """Validated notebook parameters; fields a notebook does not use stay None."""
+
+    model: ModelConfig
+    run: RunConfig
+    seed: int
+    figures_dir: Path
+    skew: float | None = None
+    capacity_factor: float | None = None
+    transport: str | None = None
+    backend: str | None = None
+    redundant_slots: int | None = None
+    topk: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-safe parameters for the figures manifest (figures_dir left out: it is
+        where the manifest lives)."""
+        d: dict[str, Any] = {"preset": self.model.name, "ranks": self.run.ranks,
+                             "batch": self.run.batch, "seq": self.run.seq,
+                             "topk": self.model.num_experts_per_tok,
+                             "routing": self.run.routing, "seed": self.seed}
+        for k in ("skew", "capacity_factor", "transport", "backend", "redundant_slots"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        return d
+
+
+def resolve_figures_dir(figures_dir: str | Path) -> Path:
+    """Absolute figures folder: relative paths resolve against the repository root."""
+    if not isinstance(figures_dir, (str, Path)) or not str(figures_dir).strip():
+        raise ParameterError("figures_dir", figures_dir, "a non-empty path string")
+    p = Path(figures_dir).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def validate_params(*, preset: str, ranks: int, batch: int, seq: int, seed: int,
+                    figures_dir: str | Path, routing: str = "hash", topk: int | None = None,
+                    skew: float | None = None, capacity_factor: float | None = None,
+                    transport: str | None = None, backend: str | None = None,
+                    redundant_slots: int | None = None) -> NotebookParams:
+    """Check every notebook parameter (None = not used by this notebook) and build the
+    frozen configs. Raises ParameterError naming the parameter, value and allowed values.
+
+    capacity_factor scales the mean per-expert load into the receive capacity: an
+    integral factor is RunConfig.recv_safety (spec §1.2 formula); a fractional one sets
+    recv_capacity = max(1, ceil(T·K/NL · factor)).
+    """
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ParameterError("preset", preset, f"one of {sorted(PRESETS)}")
+    base = PRESETS[preset]
+    e = base.n_routed_experts
+    divisors = [r for r in range(1, e + 1) if e % r == 0]
+    if not _is_int(ranks) or ranks not in divisors:
+        raise ParameterError("ranks", ranks, f"a divisor of n_routed_experts ({e}) of "
+                             f"preset {preset!r}: {divisors}")
+    for name, v in (("batch", batch), ("seq", seq)):
+        if not _is_int(v) or v <= 0:
+            raise ParameterError(name, v, "a positive integer")
+    if not _is_int(seed) or seed < 0:
+        raise ParameterError("seed", seed, "an integer >= 0")
+    if routing not in ROUTING_MODES:
+        raise ParameterError("routing", routing, f"one of {list(ROUTING_MODES)}")
+    if topk is not None and (not _is_int(topk) or not 1 <= topk <= e):
+        raise ParameterError("topk", topk, f"None (preset's {base.num_experts_per_tok}) or "
+                             f"an integer in [1, {e}] (n_routed_experts of {preset!r})")
+    if skew is not None and (not _is_num(skew) or skew < 0):
+        raise ParameterError("skew", skew, "a finite number >= 0 (0 = no skew)")
+    if capacity_factor is not None and (not _is_num(capacity_factor)
+                                        or not capacity_factor > 0):
+        raise ParameterError("capacity_factor", capacity_factor, "a finite number > 0")
+    if transport is not None and transport not in TRANSPORTS:
+        raise ParameterError("transport", transport, f"one of {list(TRANSPORTS)}")
+    if backend is not None and backend not in BACKENDS:
+        raise ParameterError("backend", backend, f"one of {list(BACKENDS)}")
+    if redundant_slots is not None:
+        max_red = e * (ranks - 1)
+        if (not _is_int(redundant_slots) or redundant_slots < 0
+                or redundant_slots % ranks or redundant_slots > max_red):
+            raise ParameterError("redundant_slots", redundant_slots,
+                                 f"a multiple of ranks ({ranks}) in [0, {max_red}]")
+    fdir = resolve_figures_dir(figures_dir)
+    try:
+        model = get_preset(preset) if topk is None else get_preset(
+            preset, num_experts_per_tok=topk)
+        kw: dict[str, Any] = {}
+        if capacity_factor is not None:
+            if float(capacity_factor).is_integer():
+                kw["recv_safety"] = int(capacity_factor)
+            else:
+                k, nl = model.num_experts_per_tok, e // ranks
+                kw["recv_capacity"] = max(1, math.ceil(batch * seq * k / nl
+                                                       * capacity_factor))
+        run = RunConfig(model=model, batch=batch, seq=seq, ranks=ranks, routing=routing,
+                        **kw)
+    except ParameterError:
+        raise
+    except ConfigError as exc:  # config.py's own checks; its message names the field
+        raise ConfigError(f"invalid notebook parameters: {exc}") from exc
+    return NotebookParams(model=model, run=run, seed=seed, figures_dir=fdir,
+                          skew=None if skew is None else float(skew),
+                          capacity_factor=None if capacity_factor is None
+                          else float(capacity_factor),
+                          transport=transport, backend=backend,
+                          redundant_slots=redundant_slots, topk=topk)

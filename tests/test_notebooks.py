@@ -1,0 +1,117 @@
+"""The notebooks: papermill execution with tiny parameters, first-cell parameter errors,
+jupytext pairs in sync and output-free, and the batch runner (run_all / sweep)."""
+import json
+
+import nbformat
+import pytest
+from papermill.exceptions import PapermillExecutionError
+
+from moe_kernels import __version__
+from moe_kernels import notebooks_run as nr
+
+NOTEBOOKS = nr.list_notebooks()
+TINY = {"preset": "tiny", "ranks": 2, "batch": 4, "seq": 2, "redundant_slots": 2}
+ROUTING_FIGURES = {"01_gate_scores.png", "01_routing_weights.png",
+                   "01_hash_vs_sort_expert_load.png", "01_skew_expert_load.png",
+                   "01_imbalance_vs_skew.png", "01_rank_load.png", "01_eplb_rank_load.png",
+                   "01_eplb_placement.png"}
+
+
+def test_notebooks_exist():
+    assert "01_routing" in [p.stem for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_pair_in_sync_and_without_outputs(nb):
+    assert nr.pair_differences(nb) == []
+    assert nr.cells_with_outputs(nb) == []
+    cells = nbformat.read(str(nb), as_version=4).cells
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    first_after = next(c for c in cells[tagged[0] + 1:] if c.cell_type == "code")
+    assert "validate_params(" in first_after.source
+
+
+def test_pair_check_detects_a_difference(tmp_path):
+    src = nr.resolve_notebook("01_routing")
+    (tmp_path / src.name).write_text(src.read_text())
+    py = src.with_suffix(".py").read_text().replace("skew = 1.0", "skew = 2.0", 1)
+    (tmp_path / src.with_suffix(".py").name).write_text(py)
+    diffs = nr.pair_differences(tmp_path / src.name)
+    assert len(diffs) == 1 and "skew = 2.0" in diffs[0]
+
+
+def test_routing_notebook_runs_with_tiny_parameters(tmp_path):
+    figs = tmp_path / "figs"
+    out = nr.run_notebook("01_routing", {**TINY, "figures_dir": str(figs)},
+                          tmp_path / "01.ipynb")
+    assert out.exists()
+    assert {p.name for p in figs.glob("*.png")} == ROUTING_FIGURES
+    entries = json.loads((figs / "manifest.json").read_text())["figures"]
+    assert set(entries) == ROUTING_FIGURES
+    e = entries["01_eplb_rank_load.png"]
+    assert e["notebook"] == "01_routing" and e["package_version"] == __version__
+    assert e["parameters"]["preset"] == "tiny" and e["parameters"]["redundant_slots"] == 2
+
+
+def test_bad_parameter_fails_in_the_first_cell(tmp_path):
+    with pytest.raises(PapermillExecutionError) as err:
+        nr.run_notebook("01_routing", {**TINY, "ranks": 3, "figures_dir": str(tmp_path)},
+                        tmp_path / "bad.ipynb")
+    assert err.value.ename == "ParameterError"
+    assert "ranks=3" in err.value.evalue and "[1, 2, 4, 8, 16]" in err.value.evalue
+    cells = nbformat.read(str(tmp_path / "bad.ipynb"), as_version=4).cells
+    failed = [c for c in cells if c.cell_type == "code"
+              and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    assert len(failed) == 1 and "validate_params(" in failed[0].source
+
+
+def _dummy_notebook(path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('preset = "tiny"\nx = 1\nfigures_dir = "f"',
+                                          metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(
+                    "import pathlib\np = pathlib.Path(figures_dir)\n"
+                    "p.mkdir(parents=True, exist_ok=True)\n"
+                    "(p / 'out.txt').write_text(f'{preset} {x!r}')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_sweep_writes_one_figure_set_per_value(tmp_path):
+    nb = _dummy_notebook(tmp_path / "09_dummy.ipynb")
+    runs = nr.sweep(str(nb), {"x": ["2", "3"]}, figures_dir=tmp_path / "sw",
+                    build_dir=tmp_path / "build", progress=False)
+    assert [r.label for r in runs] == ["x=2", "x=3"]
+    for r, v in zip(runs, (2, 3), strict=True):
+        assert r.figures_dir == tmp_path / "sw" / "09_dummy" / f"x={v}"
+        assert (r.figures_dir / "out.txt").read_text() == f"tiny {v}"
+        assert r.executed.exists()
+    with pytest.raises(nr.NotebookRunError, match="no sweepable parameter 'y'"):
+        nr.sweep(str(nb), {"y": ["1"]}, figures_dir=tmp_path / "sw", progress=False)
+
+
+def test_run_all_applies_main_parameters_where_declared(tmp_path):
+    nb = _dummy_notebook(tmp_path / "09_dummy.ipynb")
+    out = nr.run_all([nb], figures_dir=tmp_path / "figs", build_dir=tmp_path / "b",
+                     progress=False)
+    assert out == [tmp_path / "b" / "09_dummy.ipynb"]
+    assert (tmp_path / "figs" / "out.txt").read_text() == "demo 1"
+
+
+def test_helpers():
+    assert nr.run_label({"ranks": 4, "skew": 0.5}) == "ranks=4__skew=0.5"
+    assert nr.run_label({"preset": "a/b c"}) == "preset=a-b-c"
+    assert nr.coerce_value("skew", "1", 0.5) == 1.0
+    assert nr.coerce_value("ranks", "4", 2) == 4
+    assert nr.coerce_value("topk", "none", None) is None
+    assert nr.coerce_value("topk", "3", None) == 3
+    assert nr.coerce_value("preset", "demo", "tiny") == "demo"
+    with pytest.raises(nr.NotebookRunError, match="ranks"):
+        nr.coerce_value("ranks", "1.5", 2)
+    assert nr.resolve_notebook("01") == nr.resolve_notebook("01_routing.py")
+    with pytest.raises(nr.NotebookRunError, match="01_routing"):
+        nr.resolve_notebook("99_missing")
+    assert nr.notebook_parameters("01_routing")["preset"] == "demo"
