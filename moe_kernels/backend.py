@@ -71,8 +71,10 @@ def pack_routes_torch(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
     k = weights.shape[1]
     r = route_ids.to(torch.int64)
     tok = r // k
-    return PackedRoutes(x=x_norm_i8[tok], scale=x_norm_scale.reshape(-1)[tok],
-                        weight=weights.reshape(-1)[r], route=r.to(torch.int32))
+    return PackedRoutes(x=torch.index_select(x_norm_i8, 0, tok),
+                        scale=torch.index_select(x_norm_scale.reshape(-1), 0, tok),
+                        weight=torch.index_select(weights.reshape(-1), 0, r),
+                        route=r.to(torch.int32))
 
 
 def scatter_routes_torch(rows: torch.Tensor, route_ids: torch.Tensor,

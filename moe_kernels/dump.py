@@ -3,7 +3,8 @@
 Keys: config (every preset field and run parameter), inputs (x_hc [R,B,S,hc,D] BF16,
 input_ids [R,B,S] INT64, layer_id), weights (routed ones with a leading global expert
 axis), stages (per-rank tensors with a leading rank axis), x_next [R,B,S,hc,D] BF16, and
-for EP runs layout (counts, recv_count, slot, dst_rank, local_expert) and dropped.
+for EP runs layout (counts, recv_count, slot, dst_rank, local_expert) and, when routes
+were dropped, dropped [R, NL].
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def dump_dict(result: LayerResult, inputs: Inputs, weights: Weights) -> dict[str
     if layout is not None:
         d["layout"] = layout.to_dump()
     dropped = result.extra.get("dropped")
-    if dropped is not None:
+    if dropped is not None and int(dropped.sum()) > 0:  # only when overflow="drop" dropped
         d["dropped"] = dropped
     return d
 

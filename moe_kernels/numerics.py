@@ -41,6 +41,21 @@ def silu_f32(g: torch.Tensor) -> torch.Tensor:
     return g * sigmoid_f32(g)
 
 
+def matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [N, K]^T of FP32 operands, accumulated in FP64 and rounded once to FP32.
+
+    An FP32 GEMM's result depends on how the library splits K across threads; with FP64
+    accumulation the rounded FP32 result is the same for any thread count or batch, which
+    keeps gloo ranks (one thread each) bit-identical to an in-process reference.
+    """
+    return torch.matmul(a.to(torch.float64), b.to(torch.float64).t()).to(torch.float32)
+
+
+def sum_f32(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ over `dim` (keepdim) of an FP32 tensor, in FP64 rounded once: thread-independent."""
+    return x.to(torch.float64).sum(dim=dim, keepdim=True).to(torch.float32)
+
+
 def quantize_rows_int8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8 of spec §2.1 over the last dim: per-row symmetric INT8 plus FP32 dequant scale.
 

@@ -95,6 +95,17 @@ def test_gate(shape, seed, routing):
     q, s = sm.q8_rows(out.x_norm.to(torch.float32).numpy())
     assert np.array_equal(out.x_norm_i8.numpy(), q) and np.array_equal(out.x_norm_scale.numpy(), s)
     assert out.indices.dtype == torch.int32 and out.weights.dtype == torch.float32
+    # scores, selection and weights restated from the stage's own x_norm, so a BF16
+    # rounding flip in x_norm (allowed above) does not blur the check of what follows
+    z = sm.to_np(out.x_norm) @ sm.to_np(args[2]).T
+    score = np.sqrt(np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z))))
+    biased = score + sm.to_np(args[3])
+    idx = np.take_along_axis(np.argsort(-biased, axis=1, kind="stable"),
+                             np.arange(cfg.num_experts_per_tok)[None], axis=1)
+    if routing == "hash":
+        idx = sm.to_np(args[4])[sm.to_np(args[5]).reshape(-1)]
+    picked = np.take_along_axis(score, idx, axis=1)
+    w = picked / picked.sum(axis=1, keepdims=True) * cfg.routed_scaling_factor
     if routing == "hash":
         assert np.array_equal(out.indices.numpy(), idx)
     else:  # exact except where two biased scores are within float32 noise

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 
 from ..config import ModelConfig, Routing
-from ..numerics import bf16_rint, quantize_rows_int8
+from ..numerics import bf16_rint, matmul_f32, quantize_rows_int8, sum_f32
 
 
 class GateOut(NamedTuple):
@@ -22,7 +22,7 @@ class GateOut(NamedTuple):
 def ffn_norm(x_mixed: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:
     """x_norm = bf16(x · rsqrt(mean(x^2) + eps) · norm_w), x_mixed [B,S,D] -> [T,D] BF16."""
     x = x_mixed.to(torch.float32).reshape(-1, x_mixed.shape[-1])
-    inv = torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps)
+    inv = torch.rsqrt(sum_f32(x * x, dim=-1) / x.shape[-1] + eps)
     return bf16_rint(x * inv * norm_w)
 
 
@@ -37,7 +37,7 @@ def gate_scores(xg: torch.Tensor, gate_w: torch.Tensor, gate_bias: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(score, biased) [T,E] FP32: score = sqrt(softplus(xg @ gate_w^T)), biased = score + bias.
     The bias only selects experts; the weights use the unbiased score."""
-    z = xg @ gate_w.to(torch.float32).t()
+    z = matmul_f32(xg, gate_w.to(torch.float32))
     score = torch.sqrt(softplus_f32(z))
     return score, score + gate_bias
 

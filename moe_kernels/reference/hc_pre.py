@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..numerics import bf16_rint, sigmoid_f32
+from ..numerics import bf16_rint, matmul_f32, sigmoid_f32, sum_f32
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -32,8 +32,8 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
     if tuple(x_hc.shape) != (b, s, hc, d):
         raise ValueError(f"x_hc must be [B,S,{hc},{d}], got {tuple(x_hc.shape)}")
     xf = x_hc.to(torch.float32).reshape(b * s, hc * d)
-    r = torch.rsqrt((xf * xf).sum(dim=-1, keepdim=True) / (hc * d) + cfg.rms_norm_eps)
-    mix = r * (xf @ hc_fn.to(torch.float32).t())
+    r = torch.rsqrt(sum_f32(xf * xf, dim=-1) / (hc * d) + cfg.rms_norm_eps)
+    mix = r * matmul_f32(xf, hc_fn.to(torch.float32))
     pre = sigmoid_f32(mix[:, :hc] * hc_scale[0] + hc_base[:hc]) + cfg.hc_eps
     post = 2.0 * sigmoid_f32(mix[:, hc:2 * hc] * hc_scale[1] + hc_base[hc:2 * hc])
     logits = (mix[:, 2 * hc:] * hc_scale[2] + hc_base[2 * hc:]).reshape(b * s, hc, hc)
