@@ -1,0 +1,125 @@
+"""The `gloo` transport (one process per rank, torch.distributed): bit-identical to the
+`local` transport and the reference, poison-proof, capacity handling, and a rank that
+never arrives failing within the timeout without leaving processes behind.
+
+Spawning is slow (each child imports torch), so one 2-rank world is reused by the whole
+module, and shapes are tiny."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from moe_kernels.config import RunConfig, get_preset
+from moe_kernels.ep import CapacityOverflowError, run_ep_layer
+from moe_kernels.ep.dist import DistTimeoutError, SpawnedWorld
+from moe_kernels.fixtures import make_inputs, make_weights
+from moe_kernels.layer import STAGE_KEYS, reference_layer
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point:
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
+    return torch.equal(a, b)
+
+
+def assert_same_result(a, b) -> None:
+    assert same_bytes(a.x_next, b.x_next)
+    for k in STAGE_KEYS:
+        assert same_bytes(a.stages[k], b.stages[k]), k
+    la, lb = a.extra["layout"].to_dump(), b.extra["layout"].to_dump()
+    for k in la:
+        assert torch.equal(la[k], lb[k]), k
+    assert torch.equal(a.extra["dropped"], b.extra["dropped"])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes only once reaped; check its state
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return make_weights(get_preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def world():
+    with SpawnedWorld(2, timeout=30.0) as w:
+        yield w
+    assert not any(alive(p) for p in w.pids)
+
+
+def tiny_run(ranks: int, routing: str = "hash", **kw) -> RunConfig:
+    return RunConfig(model=get_preset("tiny"), batch=4, seq=2, ranks=ranks,
+                     routing=routing, **kw)
+
+
+@pytest.mark.parametrize("routing", ["hash", "sort"])
+def test_gloo_equals_local_and_reference(world, weights, routing: str) -> None:
+    run = tiny_run(2, routing)
+    inputs = make_inputs(run, seed=5)
+    g1 = world.run_layer(run, inputs, weights)
+    g2 = world.run_layer(run, inputs, weights)
+    local = run_ep_layer(run, inputs, weights, transport="local")
+    assert_same_result(g1, local)
+    assert_same_result(g1, g2)
+    ref = reference_layer(run, inputs, weights)
+    assert same_bytes(g1.x_next, ref.x_next)
+
+
+def test_gloo_poison_gives_identical_bytes(world, weights) -> None:
+    run = tiny_run(2)
+    inputs = make_inputs(run, seed=6)
+    assert_same_result(world.run_layer(run, inputs, weights, poison=True),
+                       world.run_layer(run, inputs, weights))
+
+
+def test_gloo_drop_mode_equals_local(world, weights) -> None:
+    run = tiny_run(2, recv_capacity=2)
+    inputs = make_inputs(run)
+    g = world.run_layer(run, inputs, weights, overflow="drop")
+    assert int(g.extra["dropped"].sum()) > 0
+    assert_same_result(g, run_ep_layer(run, inputs, weights, overflow="drop"))
+
+
+def test_gloo_capacity_error_keeps_the_world(world, weights) -> None:
+    run = tiny_run(2, recv_capacity=2)
+    with pytest.raises(CapacityOverflowError, match=r"rank \d.*count=\d+.*capacity=2"):
+        world.run_layer(run, make_inputs(run), weights)
+    ok = tiny_run(2)
+    world.run_layer(ok, make_inputs(ok), weights)  # still usable
+
+
+def test_run_ep_layer_gloo_four_ranks(weights) -> None:
+    run = tiny_run(4, "sort")
+    inputs = make_inputs(run, seed=2)
+    assert_same_result(run_ep_layer(run, inputs, weights, transport="gloo", timeout=30.0),
+                       run_ep_layer(run, inputs, weights, transport="local"))
+
+
+def test_rank_that_never_arrives_times_out_and_leaves_no_process(weights) -> None:
+    timeout = 3.0
+    run = tiny_run(2)
+    inputs = make_inputs(run)
+    w = SpawnedWorld(2, timeout=timeout)
+    with w:
+        pids = w.pids
+        t0 = time.monotonic()
+        with pytest.raises(DistTimeoutError, match=r"timeout 3 s.*rank 0.*ranks \[1\] never"):
+            w.run_layer(run, inputs, weights, fault=(1, "hang"))
+        elapsed = time.monotonic() - t0
+    assert elapsed < timeout + 10, elapsed
+    assert not any(alive(p) for p in pids)
