@@ -1,0 +1,185 @@
+"""W8A8 SwiGLU experts (spec §2.4 expert_shared, §2.7 expert_routed) as pypto kernels.
+
+g = (x_i8 w1^T)_i32 · xs · s1, u likewise; optional clamp; h = silu(g)·u; (h_i8, hs) = Q8(h);
+y = (h_i8 w2^T)_i32 · hs · s2 [· routing weight]; bf16(y).
+
+pypto 0.2.0 on DAV_2201 has int8 matmul with a fused (fixpipe) dequant only to FP16, and
+the spec dequantises in FP32: we take the INT32 accumulator and dequantise with vector ops.
+"""
+# No `from __future__ import annotations`: pypto reads kernel annotations as objects.
+import functools
+
+import torch
+
+from . import runtime as rt
+from .gate import quantize_rows_q8
+from .hc import _tile
+from .runtime import LatencyRecord
+
+#: Cube tiles for the INT8 matmuls [M, K] x [N, K]^T (decode: M is small, weights dominate).
+#: K: 256 deep in L0 (16·256 B activations, 256·128 B = 32 KiB of weights in L0B of 64 KiB),
+#: 1024 deep in L1 (128 KiB of weights per L1 fill, L1 is 512 KiB) so each core streams
+#: long contiguous weight rows. N: 128 output channels per tile (demo: the model groups
+#: them into 16 tasks for w1+w3; N 64 / 32 and split-K were measured slower).
+FFN_CUBE_K0, FFN_CUBE_K1, FFN_CUBE_N = 256, 1024, 128
+#: Max rows per cube M tile (16-aligned; decode batches are 32-256 rows per matmul).
+FFN_CUBE_M = 128
+#: Vector tiles on [rows, I] FP32: 4 rows x 4096 = 64 KiB per live tile (g, u, h, ...): a
+#: whole demo row, so the Q8 amax needs no partial maxima; 4 rows -> 32 row groups.
+#: Measured at demo (expert_shared, T=128): 16x512 138 us, 4x1024 126, 4x4096 108,
+#: 2x4096 132; 8x4096 does not fit UB (compile error).
+ROW_TILE, COL_TILE = 4, 4096
+
+
+def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None):
+    """The FFN of one weight set over rows x [M, D] INT8 (xs [M, 1]); returns FP32 y [M, D]."""
+    g = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w1, pypto.DT_INT32, b_trans=True),
+                                       pypto.DT_FP32), xs), s1)
+    u = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w3, pypto.DT_INT32, b_trans=True),
+                                       pypto.DT_FP32), xs), s3)
+    if limit > 0:
+        g = pypto.minimum(g, limit)
+        u = pypto.clip(u, -limit, limit)
+    h = pypto.mul(pypto.mul(g, pypto.sigmoid(g)), u)
+    h_i8, hs = quantize_rows_q8(pypto, h)
+    y = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(h_i8, w2, pypto.DT_INT32, b_trans=True),
+                                       pypto.DT_FP32), hs), s2)
+    if row_w is not None:
+        y = pypto.mul(y, row_w)
+    return y
+
+
+def _cube_tiles(pypto, m: int, k_dims: tuple[int, ...]) -> None:
+    mt = min(FFN_CUBE_M, -(-m // 16) * 16)
+    k0 = min(_tile(min(k_dims), FFN_CUBE_K0), FFN_CUBE_K0)
+    k1 = max(k0, _tile(min(k_dims), FFN_CUBE_K1))
+    pypto.set_cube_tile_shapes([mt, mt], [k0, k1], [FFN_CUBE_N, FFN_CUBE_N])
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_kernel(t: int, d: int, i: int, limit: float):
+    pypto = rt.ensure_ready()
+    rt_ = _tile(t, ROW_TILE)
+    ct = _tile(min(d, i), COL_TILE)
+    swiglu = _swiglu_rows
+    tiles = _cube_tiles
+
+    @pypto.frontend.jit(**rt.jit_options())
+    def expert_shared_k(x: pypto.Tensor((t, d), pypto.DT_INT8),
+                        xs: pypto.Tensor((t, 1), pypto.DT_FP32),
+                        w1: pypto.Tensor((i, d), pypto.DT_INT8),
+                        s1: pypto.Tensor((1, i), pypto.DT_FP32),
+                        w3: pypto.Tensor((i, d), pypto.DT_INT8),
+                        s3: pypto.Tensor((1, i), pypto.DT_FP32),
+                        w2: pypto.Tensor((d, i), pypto.DT_INT8),
+                        s2: pypto.Tensor((1, d), pypto.DT_FP32),
+                        sh: pypto.Tensor((t, d), pypto.DT_BF16)):
+        """sh = bf16(SwiGLU-W8A8(x))."""
+        pypto.set_vec_tile_shapes(rt_, ct)
+        tiles(pypto, t, (d, i))
+        y = swiglu(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit)
+        sh[:] = pypto.cast(y, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
+
+    return expert_shared_k
+
+
+def _check_weights(w1, w3, w2, lead: tuple[int, ...]) -> tuple[int, int]:
+    i, d = w1.shape[-2:]
+    for name, w, shape in (("w1", w1, (*lead, i, d)), ("w3", w3, (*lead, i, d)),
+                           ("w2", w2, (*lead, d, i))):
+        if tuple(w.shape) != shape or w.dtype != torch.int8:
+            raise ValueError(f"{name} must be {list(shape)} int8, got {tuple(w.shape)} {w.dtype}")
+    return d, i
+
+
+def expert_shared(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
+                  w1: torch.Tensor, w1_scale: torch.Tensor, w3: torch.Tensor,
+                  w3_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                  swiglu_limit: float) -> tuple[torch.Tensor, LatencyRecord | None]:
+    """x_norm_i8 [T,D] INT8, x_norm_scale [T,1] FP32 -> (sh [T,D] BF16, latency)."""
+    d, i = _check_weights(w1, w3, w2, ())
+    if x_norm_i8.dim() != 2 or x_norm_i8.shape[1] != d or x_norm_i8.dtype != torch.int8:
+        raise ValueError(f"x_norm_i8 must be [T,{d}] int8, got {tuple(x_norm_i8.shape)} "
+                         f"{x_norm_i8.dtype}")
+    t = x_norm_i8.shape[0]
+    sh = torch.empty(t, d, dtype=torch.bfloat16)
+    f32 = torch.float32
+    lat = rt.launch(_shared_kernel(t, d, i, float(swiglu_limit)), x_norm_i8.contiguous(),
+                    x_norm_scale.to(f32).reshape(t, 1).contiguous(), w1.contiguous(),
+                    w1_scale.to(f32).reshape(1, i).contiguous(), w3.contiguous(),
+                    w3_scale.to(f32).reshape(1, i).contiguous(), w2.contiguous(),
+                    w2_scale.to(f32).reshape(1, d).contiguous(), sh, name="expert_shared")
+    return sh, lat
+
+
+@functools.lru_cache(maxsize=16)
+def _routed_kernel(nl: int, c: int, d: int, i: int, limit: float):
+    pypto = rt.ensure_ready()
+    rt_ = _tile(c, ROW_TILE)
+    ct = _tile(min(d, i), COL_TILE)
+    swiglu = _swiglu_rows
+    tiles = _cube_tiles
+
+    @pypto.frontend.jit(**rt.jit_options())
+    def expert_routed_k(x: pypto.Tensor((nl * c, d), pypto.DT_INT8),
+                        xs: pypto.Tensor((nl * c, 1), pypto.DT_FP32),
+                        rw: pypto.Tensor((nl * c, 1), pypto.DT_FP32),
+                        w1: pypto.Tensor((nl * i, d), pypto.DT_INT8),
+                        s1: pypto.Tensor((nl, i), pypto.DT_FP32),
+                        w3: pypto.Tensor((nl * i, d), pypto.DT_INT8),
+                        s3: pypto.Tensor((nl, i), pypto.DT_FP32),
+                        w2: pypto.Tensor((nl * d, i), pypto.DT_INT8),
+                        s2: pypto.Tensor((nl, d), pypto.DT_FP32),
+                        y: pypto.Tensor((nl * c, d), pypto.DT_BF16)):
+        """y[e] = bf16(SwiGLU-W8A8_e(x[e]) · w[e]) for every local expert e."""
+        pypto.set_vec_tile_shapes(rt_, ct)
+        tiles(pypto, c, (d, i))
+        for e in range(nl):
+            ye = swiglu(pypto, pypto.view(x, [c, d], [e * c, 0]),
+                        pypto.view(xs, [c, 1], [e * c, 0]),
+                        pypto.view(w1, [i, d], [e * i, 0]), pypto.view(s1, [1, i], [e, 0]),
+                        pypto.view(w3, [i, d], [e * i, 0]), pypto.view(s3, [1, i], [e, 0]),
+                        pypto.view(w2, [d, i], [e * d, 0]), pypto.view(s2, [1, d], [e, 0]),
+                        limit, pypto.view(rw, [c, 1], [e * c, 0]))
+            pypto.assemble(pypto.cast(ye, pypto.DT_BF16, pypto.CastMode.CAST_RINT),
+                           [e * c, 0], y)
+
+    return expert_routed_k
+
+
+def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.Tensor,
+                  recv_count: torch.Tensor, w1: torch.Tensor, w1_scale: torch.Tensor,
+                  w3: torch.Tensor, w3_scale: torch.Tensor, w2: torch.Tensor,
+                  w2_scale: torch.Tensor, swiglu_limit: float
+                  ) -> tuple[torch.Tensor, LatencyRecord | None]:
+    """recv_x [NL,C,D] INT8, recv_scale/recv_w [NL,C] FP32, recv_count [NL] ->
+    (recv_y [NL,C,D] BF16, latency); rows >= recv_count[e] are exactly 0.
+
+    The kernel computes all C rows of every expert (static shapes). Rows beyond the count
+    get scale 0 and weight 0 on the host, which makes their g, u, h and y exactly 0 whatever
+    the (dirty) recv_x tail holds, as the reference's masking does.
+    """
+    nl, c, d = recv_x.shape
+    d_w, i = _check_weights(w1, w3, w2, (nl,))
+    if d_w != d or recv_x.dtype != torch.int8:
+        raise ValueError(f"recv_x must be [NL,C,{d_w}] int8, got {tuple(recv_x.shape)} "
+                         f"{recv_x.dtype}")
+    counts = recv_count.reshape(-1).to(torch.int64)
+    if counts.numel() != nl:
+        raise ValueError(f"recv_count must have {nl} entries, got {counts.numel()}")
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > c):
+        raise ValueError(f"recv_count must lie in [0, capacity={c}], got {counts.tolist()}")
+    valid = torch.arange(c)[None, :] < counts[:, None]                     # [NL, C]
+    f32 = torch.float32
+    xs = torch.where(valid, recv_scale.to(f32), torch.zeros((), dtype=f32))
+    rw = torch.where(valid, recv_w.to(f32), torch.zeros((), dtype=f32))
+    y = torch.empty(nl * c, d, dtype=torch.bfloat16)
+    if c == 0:
+        return y.reshape(nl, c, d), None
+    lat = rt.launch(_routed_kernel(nl, c, d, i, float(swiglu_limit)),
+                    recv_x.reshape(nl * c, d).contiguous(), xs.reshape(nl * c, 1).contiguous(),
+                    rw.reshape(nl * c, 1).contiguous(), w1.reshape(nl * i, d).contiguous(),
+                    w1_scale.to(f32).contiguous(), w3.reshape(nl * i, d).contiguous(),
+                    w3_scale.to(f32).contiguous(), w2.reshape(nl * d, i).contiguous(),
+                    w2_scale.to(f32).contiguous(), y, name="expert_routed")
+    return y.reshape(nl, c, d), lat

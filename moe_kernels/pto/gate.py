@@ -1,0 +1,129 @@
+"""gate (spec §2.3) as one pypto kernel: RMSNorm, Q8, sqrt-softplus scores, hash or
+sort routing, routing weights. Same outputs and dtypes as reference.gate.gate."""
+# No `from __future__ import annotations`: pypto reads kernel annotations as objects.
+import functools
+
+import torch
+
+from ..config import INT8_AMAX_EPS, INT8_SCALE_MAX, ModelConfig, Routing
+from ..reference.gate import GateOut
+from . import runtime as rt
+from .hc import _tile
+from .runtime import LatencyRecord
+
+#: Tokens per vector tile: 4 rows x 1024 FP32 = 16 KiB; norm, Q8 and casts keep ~5 such
+#: tiles live, within the 192 KiB UB; 4 rows -> T/4 = 32 row groups at decode T = 128.
+TOKEN_TILE = 4
+#: Columns per vector tile over D: a whole demo row (4 x 4096 FP32 = 64 KiB), so the RMS
+#: and Q8 reductions need no partial sums (1024 -> 37.8 us, 4096 -> 31.5 us at demo R=2).
+COL_TILE = 4096
+#: Cube tiles of z = xg @ gate_w^T, [T, D] x [D, E] FP32: M 16, K 512 in L0 (the
+#: reference's K-chunk) and 1024 per L1 fill with split-K (GM accumulation), N = E rounded
+#: up to 16 (cube N tiles must be 16-aligned). Split-K: E is tiny, so K chunks are the
+#: parallelism (without it: 8 tasks of 16 us).
+GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 16, 512, 1024
+
+
+def quantize_rows_q8(pypto, v):
+    """Q8 of spec §2.1 inside a kernel, over the last dim: returns (q INT8, s FP32 [.., 1]).
+
+    amax = max(1e-4, max|v|); qs = 127/amax; s = 1/qs; q = INT8(trunc(FP16(INT32(rint(v·qs))))).
+    The FP32->INT32 (rint) -> FP16 -> INT8 (trunc) chain is written out because a direct
+    FP32->INT8 cast wraps on overflow in pypto 0.2.0 (|v·qs| <= 127 here, so no wrap).
+    """
+    amax = pypto.maximum(pypto.amax(pypto.abs(v), -1, keepdim=True), INT8_AMAX_EPS)
+    qs = pypto.div(pypto.full(amax.shape, INT8_SCALE_MAX, pypto.DT_FP32), amax)
+    s = pypto.div(pypto.full(amax.shape, 1.0, pypto.DT_FP32), qs)
+    q32 = pypto.cast(pypto.mul(v, qs), pypto.DT_INT32, pypto.CastMode.CAST_RINT)
+    q16 = pypto.cast(q32, pypto.DT_FP16, pypto.CastMode.CAST_ROUND)
+    return pypto.cast(q16, pypto.DT_INT8, pypto.CastMode.CAST_TRUNC), s
+
+
+@functools.lru_cache(maxsize=16)
+def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: float,
+                 route_scale: float):
+    pypto = rt.ensure_ready()
+    tt = _tile(t, TOKEN_TILE)
+    ct = _tile(d, COL_TILE)
+    kt = _tile(d, GATE_CUBE_K)
+    kt1 = max(kt, _tile(d, GATE_CUBE_K1))
+    nt = -(-e // 16) * 16
+    mt = min(GATE_CUBE_M, -(-t // 16) * 16)
+    q8 = quantize_rows_q8
+
+    @pypto.frontend.jit(**rt.jit_options())
+    def gate_k(x_mixed: pypto.Tensor((t, d), pypto.DT_BF16),
+               norm_w: pypto.Tensor((1, d), pypto.DT_FP32),
+               gate_w: pypto.Tensor((e, d), pypto.DT_FP32),
+               gate_bias: pypto.Tensor((1, e), pypto.DT_FP32),
+               tid2eid: pypto.Tensor((vocab, k), pypto.DT_INT32),
+               ids: pypto.Tensor((t,), pypto.DT_INT32),
+               x_norm: pypto.Tensor((t, d), pypto.DT_BF16),
+               x_i8: pypto.Tensor((t, d), pypto.DT_INT8),
+               x_scale: pypto.Tensor((t, 1), pypto.DT_FP32),
+               indices: pypto.Tensor((t, k), pypto.DT_INT32),
+               weights: pypto.Tensor((t, k), pypto.DT_FP32)):
+        """xn = bf16(x·rsqrt(mean x²+eps)·w); (q, s) = Q8(xn); score = sqrt(softplus(xn W^T));
+        idx = hash | top-k(score + bias); weight = score[idx] / Σ score[idx] · scale."""
+        pypto.set_vec_tile_shapes(tt, ct)
+        pypto.set_cube_tile_shapes([mt, mt], [kt, kt1], [nt, nt], True)
+        x = pypto.cast(x_mixed, pypto.DT_FP32)
+        ms = pypto.div(pypto.sum(pypto.mul(x, x), -1, keepdim=True), float(d))
+        xn = pypto.cast(pypto.mul(pypto.mul(x, pypto.rsqrt(pypto.add(ms, eps))), norm_w),
+                        pypto.DT_BF16, pypto.CastMode.CAST_RINT)
+        xg = pypto.cast(xn, pypto.DT_FP32)
+        xq, xs = q8(pypto, xg)
+        z = pypto.matmul(xg, gate_w, pypto.DT_FP32, b_trans=True)       # [T, E]
+        pypto.set_vec_tile_shapes(tt, e)
+        # No pypto.softplus in 0.2.0: softplus(z) = max(z, 0) + log1p(exp(-|z|)).
+        sp = pypto.add(pypto.maximum(z, 0.0), pypto.log1p(pypto.exp(pypto.neg(pypto.abs(z)))))
+        score = pypto.sqrt(sp)
+        if routing == "hash":
+            idx = pypto.index_select(tid2eid, 0, ids)                    # [T, K]
+        else:
+            _, idx = pypto.topk(pypto.add(score, gate_bias), k, -1, True)
+        pypto.set_vec_tile_shapes(tt, k)
+        picked = pypto.gather(score, 1, idx)
+        total = pypto.view(picked, [t, 1], [0, 0])
+        for j in range(1, k):
+            total = pypto.add(total, pypto.view(picked, [t, 1], [0, j]))
+        weights[:] = pypto.mul(pypto.div(picked, total), route_scale)
+        # Outputs last: writing an output then reusing its source crashes 0.2.0's frontend.
+        indices[:] = idx
+        x_i8[:] = xq
+        x_scale[:] = xs
+        x_norm[:] = xn
+
+    return gate_k
+
+
+def gate(x_mixed: torch.Tensor, norm_w: torch.Tensor, gate_w: torch.Tensor,
+         gate_bias: torch.Tensor, tid2eid: torch.Tensor, input_ids: torch.Tensor,
+         cfg: ModelConfig, routing: Routing) -> tuple[GateOut, LatencyRecord | None]:
+    """x_mixed [B,S,D] BF16 -> (GateOut, latency). Math of reference.gate.gate."""
+    if routing not in ("hash", "sort"):
+        raise ValueError(f"routing must be 'hash' or 'sort', got {routing!r}")
+    d, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    if x_mixed.shape[-1] != d or x_mixed.dtype != torch.bfloat16:
+        raise ValueError(f"x_mixed must be [B,S,{d}] bfloat16, got {tuple(x_mixed.shape)} "
+                         f"{x_mixed.dtype}")
+    t = x_mixed.numel() // d
+    ids = input_ids.reshape(-1)
+    if ids.numel() != t:
+        raise ValueError(f"input_ids must hold {t} tokens, got {ids.numel()}")
+    vocab = tid2eid.shape[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"input_ids must lie in [0, {vocab}), got range "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    kern = _gate_kernel(t, d, e, k, vocab, routing, cfg.rms_norm_eps,
+                        float(cfg.routed_scaling_factor))
+    out = GateOut(torch.empty(t, d, dtype=torch.bfloat16), torch.empty(t, d, dtype=torch.int8),
+                  torch.empty(t, 1, dtype=torch.float32), torch.empty(t, k, dtype=torch.int32),
+                  torch.empty(t, k, dtype=torch.float32))
+    lat = rt.launch(kern, x_mixed.reshape(t, d).contiguous(),
+                    norm_w.to(torch.float32).reshape(1, d).contiguous(),
+                    gate_w.to(torch.float32).contiguous(),
+                    gate_bias.to(torch.float32).reshape(1, e).contiguous(),
+                    tid2eid.to(torch.int32).contiguous(), ids.to(torch.int32).contiguous(),
+                    *out, name=f"gate_{routing}")
+    return out, lat

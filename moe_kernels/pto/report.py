@@ -1,0 +1,232 @@
+"""Per-stage SIM latency vs roofline at the per-rank shapes of a run (the `stages` command).
+
+Per rank: T = batch·seq tokens, NL = n_local experts, each local expert receiving the
+mean load ceil(T·K/NL) rows (a balanced layout), the rank packing and scattering all of
+its T·K routes. Each stage kernel runs once in SIM on seeded inputs of those shapes.
+
+bytes: what the stage must move to/from HBM at least (every input read once, every output
+written once; weights included). flops: matmul FLOPs 2·M·N·K (vector work is not counted;
+it is hidden under the memory time in every stage here).
+roofline_us = max(bytes / BW, int8_flops / P_int8 + fp_flops / P_bf16): calibrated limits
+(moe_kernels.pto.calibrate, what the cost model sustains) and configured ones (pypto's
+lib/configs/A2A3.ini, see `configured_limits`). FP32 matmuls (hc_pre, gate) are counted at
+the BF16 peak: they are tiny and memory-bound.
+"""
+from __future__ import annotations
+
+import configparser
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..fixtures import generator, make_inputs
+from . import runtime as rt
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Roofline limits: HBM bytes/s, INT8 ops/s, BF16 FLOP/s; `source` says where from."""
+
+    hbm_bytes_per_s: float
+    int8_ops_per_s: float
+    bf16_flops_per_s: float
+    source: str
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage of one rank: SIM latency, work, and its rooflines."""
+
+    stage: str
+    sim_us: float
+    bytes: int
+    flops: int
+    roofline_us: float          # at the calibrated limits
+    config_roofline_us: float   # at the configured (A2A3.ini) limits
+    int8_flops: int = 0
+    n_tasks: int = 0
+    utilization: float = 0.0
+    trace_path: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """sim_us / roofline_us (calibrated)."""
+        return self.sim_us / self.roofline_us if self.roofline_us else math.inf
+
+    @property
+    def config_ratio(self) -> float:
+        return self.sim_us / self.config_roofline_us if self.config_roofline_us else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items()}
+        d["ratio"] = self.ratio
+        d["config_ratio"] = self.config_ratio
+        return d
+
+
+def configured_limits() -> Limits:
+    """The 910B (A2A3) model's nominal limits from pypto's shipped lib/configs/A2A3.ini.
+
+    HBM: [AICoreMemoryRates] ddr_rate (bytes/cycle per AI core) x [SoCInfo] ai_core_cnt.
+    Peak: [AICoreSpec] cube_m_size·cube_n_size·cube_k_size MACs/cycle (BF16) and
+    [DtypeMKN] DT_INT8 m·k·n (INT8), x 2 FLOP/MAC x cube_core_cnt. Cycles at runtime.CLOCK_MHZ.
+    """
+    ini = configparser.ConfigParser()
+    ini.read(rt._shipped_lib_dir() / "configs" / "A2A3.ini")
+    hz = rt.CLOCK_MHZ * 1e6
+    cores = ini.getint("SoCInfo", "ai_core_cnt")
+    cube = ini.getint("SoCInfo", "cube_core_cnt")
+    spec = ini["AICoreSpec"]
+    bf16_mac = (spec.getint("cube_m_size") * spec.getint("cube_n_size")
+                * spec.getint("cube_k_size"))
+    i8 = [int(v) for v in ini.get("DtypeMKN", "DT_INT8").split(",")]
+    return Limits(hbm_bytes_per_s=ini.getint("AICoreMemoryRates", "ddr_rate") * cores * hz,
+                  int8_ops_per_s=2.0 * i8[0] * i8[1] * i8[2] * cube * hz,
+                  bf16_flops_per_s=2.0 * bf16_mac * cube * hz,
+                  source="pypto lib/configs/A2A3.ini")
+
+
+def calibrated_limits() -> Limits:
+    from .calibrate import calibration
+    c = calibration()
+    return Limits(c.hbm_bytes_per_s, c.int8_ops_per_s, c.bf16_flops_per_s,
+                  source="calibrated SIM (moe_kernels.pto.calibrate)")
+
+
+def roofline_us(nbytes: float, int8_flops: float, fp_flops: float, lim: Limits) -> float:
+    """max(memory time, compute time) in microseconds."""
+    mem = nbytes / lim.hbm_bytes_per_s
+    comp = int8_flops / lim.int8_ops_per_s + fp_flops / lim.bf16_flops_per_s
+    return max(mem, comp) * 1e6
+
+
+def _i8(seed: int, name: str, *shape: int) -> torch.Tensor:
+    return torch.randint(-127, 128, shape, generator=generator(seed, name), dtype=torch.int8)
+
+
+def _pos(seed: int, name: str, *shape: int, scale: float = 1e-3) -> torch.Tensor:
+    return (torch.rand(*shape, generator=generator(seed, name)) + 0.5) * scale
+
+
+def _stage_cases(run: RunConfig, seed: int) -> list[tuple[str, Callable, int, int, int]]:
+    """(stage, thunk returning (outputs, LatencyRecord), bytes, int8_flops, fp_flops)."""
+    from . import ffn, gate, hc, routes
+    cfg = run.model
+    t, d, i, hcm = run.tokens, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hc_mult
+    e, k, nl, mix = cfg.n_routed_experts, cfg.num_experts_per_tok, run.n_local, cfg.mix_hc
+    c = -(-t * k // nl)  # mean rows per local expert (balanced layout)
+    n = t * k
+    inp = make_inputs(RunConfig(cfg, batch=run.batch, seq=run.seq, ranks=1,
+                                routing=run.routing), seed)
+    x_hc = inp.x_hc[0]
+    ids = inp.input_ids[0]
+    hc_fn = torch.randn(mix, hcm * d, generator=generator(seed, "hc_fn")) * 0.06
+    hc_scale = torch.tensor([0.5, 0.5, 1.0])
+    hc_base = torch.zeros(mix)
+    x_mixed = torch.randn(run.batch, run.seq, d, generator=generator(seed, "xm")).bfloat16()
+    norm_w = torch.ones(d)
+    gate_w = torch.randn(e, d, generator=generator(seed, "gate_w")) / math.sqrt(d)
+    gate_b = torch.zeros(e)
+    tid2eid = torch.stack([torch.randperm(e, generator=generator(seed, "tid2eid"))[:k]
+                           for _ in range(64)]).to(torch.int32)
+    ids = ids % tid2eid.shape[0]
+    xq = _i8(seed, "xq", t, d)
+    xs = _pos(seed, "xs", t, 1, scale=0.02)
+    wts = torch.full((t, k), 1.0 / k)
+    sw = {nm: _i8(seed, f"s{nm}", *shape) for nm, shape in
+          (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i)))}
+    rw = {nm: _i8(seed, f"r{nm}", nl, *shape) for nm, shape in
+          (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i)))}
+    rx = _i8(seed, "rx", nl, c, d)
+    rs = _pos(seed, "rs", nl, c, scale=0.02)
+    rwt = torch.full((nl, c), 1.0 / k)
+    cnt = torch.full((nl,), c, dtype=torch.int64)
+    rows = torch.randn(n, d, generator=generator(seed, "rows")).bfloat16()
+    perm = torch.randperm(n, generator=generator(seed, "perm")).to(torch.int32)
+    sh = torch.randn(t, d, generator=generator(seed, "sh")).bfloat16()
+    post = torch.rand(run.batch, run.seq, hcm) * 2
+    comb = torch.rand(run.batch, run.seq, hcm, hcm) / hcm
+    lim = cfg.swiglu_limit
+    ffn_w = 3 * i * d + (2 * i + d) * 4
+    return [
+        ("hc_pre", lambda: hc.hc_pre(x_hc, hc_fn, hc_scale, hc_base, cfg),
+         t * hcm * d * 2 + mix * hcm * d * 4 + t * d * 2 + t * (hcm + hcm * hcm) * 4,
+         0, 2 * t * hcm * d * mix),
+        ("gate", lambda: gate.gate(x_mixed, norm_w, gate_w, gate_b, tid2eid, ids, cfg,
+                                   run.routing),
+         t * d * 2 + d * 4 + e * d * 4 + e * 4 + t * 4 + t * d * (2 + 1) + t * 4 + t * k * 8
+         + (t * k * 4 if run.routing == "hash" else 0), 0, 2 * t * d * e),
+        ("expert_shared", lambda: ffn.expert_shared(
+            xq, xs, sw["w1"], _pos(seed, "s1", i), sw["w3"], _pos(seed, "s3", i), sw["w2"],
+            _pos(seed, "s2", d), lim),
+         ffn_w + t * (d + 4) + t * d * 2, 2 * t * (3 * i * d), 0),
+        ("pack_routes", lambda: routes.pack_routes(xq, xs, wts, perm),
+         2 * n * (d + 8) + n * 4, 0, 0),
+        ("expert_routed", lambda: ffn.expert_routed(
+            rx, rs, rwt, cnt, rw["w1"], _pos(seed, "rs1", nl, i), rw["w3"],
+            _pos(seed, "rs3", nl, i), rw["w2"], _pos(seed, "rs2", nl, d), lim),
+         nl * ffn_w + nl * c * (d + 8) + nl * c * d * 2, 2 * nl * c * (3 * i * d), 0),
+        ("scatter_routes", lambda: routes.scatter_routes(rows, perm, n),
+         2 * n * d * 2 + n * 8, 0, 0),
+        ("reduce_routes", lambda: routes.reduce_routes(sh, rows, k),
+         t * d * 2 + n * d * 2 + t * d * 2, 0, 0),
+        ("hc_post", lambda: hc.hc_post(sh.reshape(run.batch, run.seq, d), x_hc, post, comb),
+         t * d * 2 + 2 * t * hcm * d * 2 + t * (hcm + hcm * hcm) * 4, 0, 0),
+    ]
+
+
+STAGES: tuple[str, ...] = ("hc_pre", "gate", "expert_shared", "pack_routes", "expert_routed",
+                           "scatter_routes", "reduce_routes", "hc_post")
+
+
+def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None = None
+                 ) -> list[StageRecord]:
+    """One StageRecord per stage at the per-rank shapes of `run` (SIM latency, bytes,
+    FLOPs, calibrated and configured rooflines). `stages` picks a subset (default all)."""
+    if not isinstance(run, RunConfig):
+        raise TypeError(f"run must be a RunConfig, got {type(run).__name__}")
+    wanted = STAGES if stages is None else tuple(stages)
+    unknown = set(wanted) - set(STAGES)
+    if unknown:
+        raise ValueError(f"stages must be a subset of {list(STAGES)}, got {sorted(unknown)}")
+    cal, conf = calibrated_limits(), configured_limits()
+    out = []
+    for name, thunk, nbytes, i8f, fpf in _stage_cases(run, seed):
+        if name not in wanted:
+            continue
+        _, lat = thunk()
+        if lat is None:
+            raise RuntimeError(f"stage {name}: no SIM latency (not running in SIM mode)")
+        out.append(StageRecord(
+            stage=name, sim_us=lat.aicore_us, bytes=int(nbytes), flops=int(i8f + fpf),
+            roofline_us=roofline_us(nbytes, i8f, fpf, cal),
+            config_roofline_us=roofline_us(nbytes, i8f, fpf, conf), int8_flops=int(i8f),
+            n_tasks=lat.n_tasks, utilization=lat.utilization, trace_path=lat.trace_path))
+    return out
+
+
+def format_stage_table(records: list[StageRecord]) -> str:
+    """A fixed-width table: one row per stage plus the total, both rooflines and ratios."""
+    hdr = (f"{'stage':<15}{'sim_us':>10}{'MB':>9}{'GFLOP':>9}{'roof_us':>10}{'ratio':>7}"
+           f"{'cfg_roof':>10}{'cfg_ratio':>10}{'tasks':>7}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in records:
+        lines.append(f"{r.stage:<15}{r.sim_us:>10.2f}{r.bytes / 1e6:>9.2f}{r.flops / 1e9:>9.3f}"
+                     f"{r.roofline_us:>10.2f}{r.ratio:>7.2f}{r.config_roofline_us:>10.2f}"
+                     f"{r.config_ratio:>10.2f}{r.n_tasks:>7}")
+    sim = sum(r.sim_us for r in records)
+    roof = sum(r.roofline_us for r in records)
+    croof = sum(r.config_roofline_us for r in records)
+    lines.append("-" * len(hdr))
+    lines.append(f"{'total':<15}{sim:>10.2f}{sum(r.bytes for r in records) / 1e6:>9.2f}"
+                 f"{sum(r.flops for r in records) / 1e9:>9.3f}{roof:>10.2f}"
+                 f"{(sim / roof if roof else math.inf):>7.2f}{croof:>10.2f}"
+                 f"{(sim / croof if croof else math.inf):>10.2f}")
+    lines.append(f"SIM: pypto {rt.SUPPORTED_PYPTO_VERSION} cost model (910B / A2A3), "
+                 f"AICore end-to-end at {rt.CLOCK_MHZ:.0f} MHz. roof = calibrated limits, "
+                 f"cfg_roof = A2A3.ini limits.")
+    return "\n".join(lines)

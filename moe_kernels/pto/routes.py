@@ -1,0 +1,145 @@
+"""The per-rank local parts of dispatch and combine (spec §2.5, §2.8, §3.6) as pypto kernels:
+pack_routes (gather the four channels of a list of routes), scatter_routes (write expert
+rows back to their route rows) and reduce_routes (sh + Σ_k routed rows, FP32 -> BF16).
+
+The cross-rank exchange itself stays in the transport; only the local data movement and
+the reduction run here. Index arithmetic on route ids (token = route // K) and the
+"every route exactly once" check are host work on [N] integers.
+"""
+# No `from __future__ import annotations`: pypto reads kernel annotations as objects.
+import functools
+
+import torch
+
+from ..backend import PackedRoutes
+from . import runtime as rt
+from .hc import _tile
+from .runtime import LatencyRecord
+
+#: Rows per vector tile for the row gathers/scatters: 16 rows x 4096 INT8 = 64 KiB
+#: (BF16: 128 KiB at 4096 columns is too big, so BF16 row tiles use COL_TILE columns).
+ROW_TILE = 16
+#: Columns per tile for BF16/FP32 rows: 16 x 2048 x 4 B = 128 KiB is the UB ceiling for one
+#: FP32 tile; 1024 keeps input + accumulator + output tiles within 192 KiB.
+COL_TILE = 1024
+
+
+@functools.lru_cache(maxsize=32)
+def _pack_kernel(t: int, d: int, k: int, n: int):
+    pypto = rt.ensure_ready()
+    rt_ = _tile(n, ROW_TILE)
+
+    @pypto.frontend.jit(**rt.jit_options())
+    def pack_routes_k(x: pypto.Tensor((t, d), pypto.DT_INT8),
+                      xs: pypto.Tensor((t, 1), pypto.DT_FP32),
+                      w: pypto.Tensor((t * k, 1), pypto.DT_FP32),
+                      tok: pypto.Tensor((n,), pypto.DT_INT32),
+                      route: pypto.Tensor((n,), pypto.DT_INT32),
+                      out_x: pypto.Tensor((n, d), pypto.DT_INT8),
+                      out_s: pypto.Tensor((n, 1), pypto.DT_FP32),
+                      out_w: pypto.Tensor((n, 1), pypto.DT_FP32)):
+        """out_x[i] = x[tok_i]; out_s[i] = xs[tok_i]; out_w[i] = w[route_i]."""
+        pypto.set_vec_tile_shapes(rt_, d)
+        out_x[:] = pypto.index_select(x, 0, tok)
+        pypto.set_vec_tile_shapes(rt_, 1)
+        out_s[:] = pypto.index_select(xs, 0, tok)
+        out_w[:] = pypto.index_select(w, 0, route)
+
+    return pack_routes_k
+
+
+def pack_routes(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor, weights: torch.Tensor,
+                route_ids: torch.Tensor) -> tuple[PackedRoutes, LatencyRecord | None]:
+    """x_norm_i8 [T,D] INT8, x_norm_scale [T,1] FP32, weights [T,K] FP32, route_ids [N] ->
+    (PackedRoutes x [N,D] INT8, scale [N], weight [N] FP32, route [N] INT32; latency)."""
+    t, d = x_norm_i8.shape
+    k = weights.shape[1]
+    r = route_ids.reshape(-1).to(torch.int64)
+    n = r.numel()
+    if n and (int(r.min()) < 0 or int(r.max()) >= t * k):
+        raise ValueError(f"route_ids must lie in [0, T*K={t * k}), got range "
+                         f"[{int(r.min())}, {int(r.max())}]")
+    if n == 0:  # nothing to send: no kernel launch
+        return PackedRoutes(torch.empty(0, d, dtype=torch.int8), torch.empty(0),
+                            torch.empty(0), torch.empty(0, dtype=torch.int32)), None
+    out = (torch.empty(n, d, dtype=torch.int8), torch.empty(n, 1), torch.empty(n, 1))
+    lat = rt.launch(_pack_kernel(t, d, k, n), x_norm_i8.contiguous(),
+                    x_norm_scale.to(torch.float32).reshape(t, 1).contiguous(),
+                    weights.to(torch.float32).reshape(t * k, 1).contiguous(),
+                    (r // k).to(torch.int32), r.to(torch.int32), *out, name="pack_routes")
+    return PackedRoutes(out[0], out[1].reshape(n), out[2].reshape(n), r.to(torch.int32)), lat
+
+
+@functools.lru_cache(maxsize=32)
+def _scatter_kernel(n: int, d: int):
+    pypto = rt.ensure_ready()
+    rt_ = _tile(n, ROW_TILE)
+    ct = _tile(d, COL_TILE)
+
+    @pypto.frontend.jit(**rt.jit_options())
+    def scatter_routes_k(rows: pypto.Tensor((n, d), pypto.DT_BF16),
+                         src_of: pypto.Tensor((n,), pypto.DT_INT32),
+                         out: pypto.Tensor((n, d), pypto.DT_BF16)):
+        """out[r] = rows[src_of[r]], i.e. out[route_i] = rows[i] (route ids are a permutation)."""
+        pypto.set_vec_tile_shapes(rt_, ct)
+        out[:] = pypto.index_select(rows, 0, src_of)
+
+    return scatter_routes_k
+
+
+def scatter_routes(rows: torch.Tensor, route_ids: torch.Tensor, n_routes: int
+                   ) -> tuple[torch.Tensor, LatencyRecord | None]:
+    """routed_y_buf [n_routes, D]: row route_ids[i] <- rows[i]; each route exactly once.
+
+    Every route appears exactly once (checked), so the scatter is a row permutation and is
+    run as a gather through the inverse permutation: pypto 0.2.0's 2-D scatter_update
+    requires one tile to span all source rows, which does not fit UB at decode sizes.
+    """
+    r = route_ids.reshape(-1).to(torch.int64)
+    if r.numel() != n_routes or not torch.equal(torch.sort(r).values, torch.arange(n_routes)):
+        raise RuntimeError(f"scatter_routes needs every route in [0, {n_routes}) exactly "
+                           f"once, got {r.numel()} rows")
+    d = rows.shape[-1]
+    out = torch.zeros(n_routes, d, dtype=rows.dtype)
+    if n_routes == 0:
+        return out, None
+    if rows.dtype != torch.bfloat16:
+        raise ValueError(f"rows must be bfloat16 (expert outputs), got {rows.dtype}")
+    src_of = torch.empty(n_routes, dtype=torch.int32)
+    src_of[r] = torch.arange(n_routes, dtype=torch.int32)
+    lat = rt.launch(_scatter_kernel(n_routes, d), rows.contiguous(), src_of, out,
+                    name="scatter_routes")
+    return out, lat
+
+
+@functools.lru_cache(maxsize=16)
+def _reduce_kernel(t: int, d: int, k: int):
+    pypto = rt.ensure_ready()
+    rt_ = _tile(t, ROW_TILE)
+    ct = _tile(d, COL_TILE)
+
+    @pypto.frontend.jit(**rt.jit_options())
+    def reduce_routes_k(sh: pypto.Tensor((t, d), pypto.DT_BF16),
+                        buf: pypto.Tensor((t, k * d), pypto.DT_BF16),
+                        out: pypto.Tensor((t, d), pypto.DT_BF16)):
+        """out = bf16(FP32(sh) + Σ_{j<K} FP32(buf[:, j]))."""
+        pypto.set_vec_tile_shapes(rt_, ct)
+        acc = pypto.cast(sh, pypto.DT_FP32)
+        for j in range(k):
+            acc = pypto.add(acc, pypto.cast(pypto.view(buf, [t, d], [0, j * d]), pypto.DT_FP32))
+        out[:] = pypto.cast(acc, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
+
+    return reduce_routes_k
+
+
+def reduce_routes(sh: torch.Tensor, routed_y_buf: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, LatencyRecord | None]:
+    """sh [T,D] BF16, routed_y_buf [T·K, D] BF16 -> (ffn_out [T,D] BF16, latency)."""
+    t, d = sh.shape
+    if tuple(routed_y_buf.shape) != (t * k, d):
+        raise ValueError(f"routed_y_buf must be [{t * k}, {d}], got {tuple(routed_y_buf.shape)}")
+    out = torch.empty(t, d, dtype=torch.bfloat16)
+    lat = rt.launch(_reduce_kernel(t, d, k), sh.to(torch.bfloat16).contiguous(),
+                    routed_y_buf.to(torch.bfloat16).reshape(t, k * d).contiguous(), out,
+                    name="reduce_routes")
+    return out, lat
