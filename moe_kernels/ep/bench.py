@@ -35,8 +35,10 @@ def _timed(fn: Callable[[], object]) -> float:
 def exchange_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,
                   reps: int, warmup: int) -> dict[str, object]:
     """Time EP dispatch+combine (counts all_gather, plan, pack, 1 all_to_all each way,
-    unpack, scatter) against two bare all_to_all_single calls moving the same payload
-    bytes per peer (the spec channels: D + 3·32 bytes per route out, 2·D back)."""
+    unpack, gather by route) against two bare all_to_all_single calls moving the same
+    wire bytes per peer (D + 16 per route out, 2·D back), with and without a blocking
+    all_gather of the count histogram in front; all three interleaved, same buffers
+    sizes, same processes."""
     be = TorchBackend()
     shape = window_shape(run)
     st = front_stages(run, inputs.x_hc[rank], inputs.input_ids[rank], weights, be)
@@ -58,18 +60,24 @@ def exchange_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,
     comm.publish_counts(hist)
     table = run_to_end(comm.collect_counts())
     plan = plan_rank(rank, st["indices"], table, shape.capacity)
+    # the bound moves exactly EP's wire bytes: D + 16 per route out, 2·D back
     out_b, back_b = dispatch_row_bytes(shape.d_model), 2 * shape.d_model
     send_split, recv_split = plan.send_split.tolist(), plan.recv_split.tolist()
     d_send = torch.randint(0, 255, (sum(send_split) * out_b,), dtype=torch.uint8)
     d_recv = torch.empty(sum(recv_split) * out_b, dtype=torch.uint8)
     c_send = torch.randint(0, 255, (sum(recv_split) * back_b,), dtype=torch.uint8)
     c_recv = torch.empty(sum(send_split) * back_b, dtype=torch.uint8)
+    h_parts = [torch.empty_like(hist) for _ in range(shape.ranks)]
 
     def a2a_bound() -> None:
         dist.all_to_all_single(d_recv, d_send, [n * out_b for n in recv_split],
                                [n * out_b for n in send_split])
         dist.all_to_all_single(c_recv, c_send, [n * back_b for n in send_split],
                                [n * back_b for n in recv_split])
+
+    def a2a_counts_bound() -> None:  # plus the count all_gather EP cannot avoid
+        dist.all_gather(h_parts, hist)
+        a2a_bound()
 
     def phases() -> list[float]:  # this rank's seconds per phase of one exchange
         t = [time.perf_counter()]
@@ -89,19 +97,21 @@ def exchange_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,
     for _ in range(warmup):
         ep_exchange()
         a2a_bound()
-    ep_t, a2a_t, phase_t = [], [], []
-    for _ in range(reps):  # interleaved, so load drift hits both alike
+        a2a_counts_bound()
+    ep_t, a2a_t, a2a_c_t, phase_t = [], [], [], []
+    for _ in range(reps):  # interleaved, so load drift hits all alike
         ep_t.append(_timed(ep_exchange))
         a2a_t.append(_timed(a2a_bound))
+        a2a_c_t.append(_timed(a2a_counts_bound))
         dist.barrier()
         phase_t.append(phases())
-    return {"ep": ep_t, "a2a": a2a_t, "phases": phase_t,
+    return {"ep": ep_t, "a2a": a2a_t, "a2a_counts": a2a_c_t, "phases": phase_t,
             "phase_names": ["pack (backend.pack_routes)", "counts wait + plan",
                             "dispatch (wire pack, a2a, unpack)",
-                            "combine (wire pack, a2a, scatter)"],
+                            "combine (gather, a2a, gather by route)"],
             "send_routes": send_split, "recv_routes": recv_split,
             "bytes_out": sum(send_split) * out_b, "bytes_back": sum(recv_split) * back_b,
-            "pad_bytes": PAD_BYTES}
+            "row_bytes": out_b, "spec_row_bytes": shape.d_model + 3 * PAD_BYTES}
 
 
 def layer_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,

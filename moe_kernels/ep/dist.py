@@ -6,10 +6,15 @@ destination (no per-route messages):
 1. counts: one all_gather of every rank's full [R(dst),NL] histogram (zeros included),
    so every rank holds the same count table [R(src),R(dst),NL] and plans its slots;
 2. dispatch: one all_to_all_single of packed byte rows [x_i8 | scale | weight | r_route]
-   (wire.pack_dispatch), sent in (dst, e, slot) order; the receiver writes them into
-   its receive buffers at rows e·C + slot (plan.recv_rows);
-3. combine: one all_to_all_single back of [y BF16 | r_route], and the origin scatters
-   the rows into routed_y_buf keyed by r_route (backend.scatter_routes).
+   (wire.pack_dispatch_into), sent in (dst, e, slot) order; the receiver copies them
+   into its receive buffers at rows e·C + slot (one block copy per (src, e) for x_i8,
+   one indexed write per scalar channel);
+3. combine: one all_to_all_single back of bare BF16 rows in arrival order, so every
+   origin gets its rows back in its own send order (plan.order) and places them into
+   routed_y_buf with one gather; r_route does not travel twice.
+
+Wire and receive buffers are preallocated once per process and shape and reused by every
+step (fresh multi-MB buffers per step cost more in page faults than the copies).
 
 Two launchers: `SpawnedWorld` (from Python: R spawned processes on loopback with a free
 port, reusable for many steps, results gathered back to the caller) and
@@ -41,7 +46,7 @@ from ..reference.dispatch_combine import RecvBuffers
 from .layout import CapacityOverflowError, RankPlan
 from .rank import RankOutput, run_to_end
 from .windows import Wait, WindowShape
-from .wire import ROUTE_TAG_COLS, pack_dispatch, unpack_combine, unpack_dispatch
+from .wire import check_wire_width, dispatch_row_bytes, pack_dispatch_into, unpack_dispatch
 
 #: torch.distributed backends this code accepts (only gloo is tested here).
 DIST_BACKENDS: tuple[str, ...] = ("gloo", "nccl", "hccl")
@@ -55,6 +60,8 @@ STARTUP_GRACE_S = 60.0
 ERROR_GRACE_S = 2.0
 #: Seconds a child gets to exit cleanly before it is terminated, then killed.
 JOIN_S = 3.0
+#: Seed of the garbage a poisoned run writes into the receive buffers.
+POISON_SEED = 0xBAD
 
 
 class DistError(RuntimeError):
@@ -66,107 +73,150 @@ class DistTimeoutError(DistError, TimeoutError):
 
 
 class DistComm:
-    """One rank's end of the torch.distributed exchange (implements `RankComm`)."""
+    """One rank's end of the torch.distributed exchange (implements `RankComm`).
+
+    Buffers come from a per-process pool (`_ExchangeBuffers`): the RecvBuffers that
+    `dispatch` returns are views into it, valid until this process's next dispatch of
+    the same shape (the rank program consumes them within the step).
+    """
 
     def __init__(self, rank: int, shape: WindowShape, backend: StageBackend,
                  poison: bool = False, device: str | torch.device = "cpu") -> None:
+        check_wire_width(shape.d_model)
         self.rank = rank
         self.ranks = shape.ranks
         self.shape = shape
         self.backend = backend
         self.poison = poison
         self.device = torch.device(device)
-        self._parts: list[torch.Tensor] = []
+        self.buf = _buffers(rank, shape)
+        if poison:
+            self.buf.poison(POISON_SEED)
+        self._parts = [torch.empty(shape.ranks, shape.n_local, dtype=torch.int64)
+                       for _ in range(shape.ranks)]
         self._counts_work: Any = None
 
-    def _dev(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.device.type == "cpu" else t.to(self.device)  # nccl/hccl: untested
-
-    def _a2a(self, send: torch.Tensor, out_rows: int, in_split: list[int],
-             out_split: list[int]) -> torch.Tensor:
-        recv = self._dev(torch.empty(out_rows, *send.shape[1:], dtype=send.dtype))
-        dist.all_to_all_single(recv, self._dev(send.contiguous()), out_split, in_split)
-        return recv.cpu()
+    def _a2a(self, recv: torch.Tensor, send: torch.Tensor, out_split: list[int],
+             in_split: list[int]) -> torch.Tensor:
+        """all_to_all_single into `recv` (on CPU, in place: no copies)."""
+        if self.device.type == "cpu":
+            dist.all_to_all_single(recv, send, out_split, in_split)
+            return recv
+        out = recv.to(self.device)  # nccl/hccl: UNTESTED
+        dist.all_to_all_single(out, send.to(self.device), out_split, in_split)
+        return out.cpu()
 
     def publish_counts(self, hist: torch.Tensor) -> None:
-        self._parts = [self._dev(torch.empty_like(hist)) for _ in range(self.ranks)]
-        self._counts_work = dist.all_gather(self._parts, self._dev(hist.contiguous()),
-                                            async_op=True)
+        parts = self._parts if self.device.type == "cpu" else \
+            [p.to(self.device) for p in self._parts]
+        self._parts = parts
+        self._counts_work = dist.all_gather(parts, hist.to(self.device, torch.int64)
+                                            .contiguous(), async_op=True)
 
     def collect_counts(self) -> Generator[Wait, None, torch.Tensor]:
         if self._counts_work is None:
             raise RuntimeError("collect_counts called before publish_counts")
         self._counts_work.wait()
         self._counts_work = None
-        return torch.stack([p.cpu() for p in self._parts])
+        return torch.stack([p.cpu() for p in self._parts])   # a fresh table (kept)
         yield  # pragma: no cover  (a generator that never suspends)
 
     def dispatch(self, plan: RankPlan, packed: PackedRoutes
                  ) -> Generator[Wait, None, RecvBuffers]:
-        s = self.shape
-        recv = self._a2a(pack_dispatch(packed), int(plan.recv_split.sum()),
-                         plan.send_split.tolist(), plan.recv_split.tolist())
-        _, scale, weight, route = unpack_dispatch(recv[:, s.d_model:], 0)
-        buf = _recv_buffers(s.n_local, s.capacity, s.d_model, self.poison)
-        x_bytes = buf.x.view(torch.uint8)
+        s, b = self.shape, self.buf
+        send = pack_dispatch_into(b.send, packed)
+        recv = self._a2a(b.recv[:int(plan.recv_split.sum())], send,
+                         plan.recv_split.tolist(), plan.send_split.tolist())
+        x, scale, weight, route = unpack_dispatch(recv, s.d_model)
+        c = s.capacity
+        x_rows = b.x.view(-1, s.d_model)
         for pos, e, off, n in plan.recv_segments():   # one block copy per (src, e)
-            x_bytes[e, off:off + n].copy_(recv[pos:pos + n, :s.d_model])
+            x_rows[e * c + off:e * c + off + n].copy_(x[pos:pos + n])
         rows = plan.recv_rows                           # flat e·C + slot, arrival order
-        buf.scale.view(-1)[rows] = scale
-        buf.weight.view(-1)[rows] = weight
-        buf.route.view(-1)[rows] = route
-        return buf._replace(count=plan.recv_count.clone())
+        b.scale.view(-1)[rows] = scale
+        b.weight.view(-1)[rows] = weight
+        b.route.view(-1)[rows] = route
+        return RecvBuffers(x=b.x, scale=b.scale, weight=b.weight, route=b.route,
+                           count=plan.recv_count.clone())
         yield  # pragma: no cover
 
     def combine(self, plan: RankPlan, recv_y: torch.Tensor, recv_route: torch.Tensor
                 ) -> Generator[Wait, None, torch.Tensor]:
-        d = recv_y.shape[-1]
-        wire = torch.empty(int(plan.recv_split.sum()), d + ROUTE_TAG_COLS,
-                           dtype=torch.bfloat16)
-        for pos, e, off, n in plan.recv_segments():   # rows back in arrival order
-            wire[pos:pos + n, :d].copy_(recv_y[e, off:off + n])
-        rr = recv_route.reshape(-1)[plan.recv_rows].to(torch.int32)
-        wire[:, d:] = rr.reshape(-1, 1).view(torch.bfloat16)
-        back = self._a2a(wire, int(plan.send_split.sum()), plan.recv_split.tolist(),
-                         plan.send_split.tolist())
-        rows, routes = unpack_combine(back)
-        if plan.dropped_routes.numel():  # dropped routes contribute zero
-            rows = torch.cat([rows, torch.zeros(plan.dropped_routes.numel(), d,
-                                                dtype=rows.dtype)])
-            routes = torch.cat([routes, plan.dropped_routes])
-        return scatter_by_route(rows, routes, self.shape.routes)
+        """Rows go back in arrival order, so each source gets its rows in the order it
+        sent them, `plan.order`: that order keys routed_y_buf, and `recv_route` need
+        not travel again (it is the same information)."""
+        b, d = self.buf, recv_y.shape[-1]
+        if recv_y.dtype != b.y_send.dtype:
+            raise TypeError(f"combine sends BF16 rows, got {recv_y.dtype}")
+        n_in, n_out = int(plan.recv_split.sum()), int(plan.send_split.sum())
+        send = torch.index_select(recv_y.reshape(-1, d), 0, plan.recv_rows,
+                                  out=b.y_send[:n_in])
+        self._a2a(b.y_back[:n_out], send, plan.send_split.tolist(),
+                  plan.recv_split.tolist())
+        return torch.index_select(b.y_back, 0, return_index(plan, self.shape.routes))
         yield  # pragma: no cover
 
 
-def scatter_by_route(rows: torch.Tensor, routes: torch.Tensor, n_routes: int) -> torch.Tensor:
-    """routed_y_buf [n_routes, D]: row r <- the returned row tagged r. Every route must
-    come back exactly once (checked); done as one gather by the inverse permutation,
-    which is several times faster on CPU than an indexed scatter."""
-    seen = torch.bincount(routes, minlength=n_routes) if routes.numel() else \
-        torch.zeros(n_routes, dtype=torch.int64)
-    if routes.numel() != n_routes or not bool((seen == 1).all()):
-        bad = torch.nonzero(seen != 1).flatten()[:5].tolist()
-        raise RuntimeError(f"combine: routes {bad} came back {seen[bad].tolist()} times; "
-                           f"every route must be returned exactly once")
-    return torch.index_select(rows, 0, torch.argsort(routes))
+def return_index(plan: RankPlan, n_routes: int) -> torch.Tensor:
+    """[n_routes] row of the combine's receive buffer holding each route: route
+    plan.order[i] comes back in row i; dropped routes read row `n_routes` (zero)."""
+    if plan.order.numel() + plan.dropped_routes.numel() != n_routes:
+        raise RuntimeError(f"combine: {plan.order.numel()} placed + "
+                           f"{plan.dropped_routes.numel()} dropped routes != {n_routes}")
+    index = torch.full((n_routes,), n_routes, dtype=torch.int64)
+    index[plan.order] = torch.arange(plan.order.numel())
+    return index
 
 
-def _recv_buffers(n_local: int, capacity: int, d: int, poison: bool) -> RecvBuffers:
-    """Receive buffers [NL, C, ...]; slots beyond the counts are never read, so they are
-    left uninitialised, or filled with garbage when poisoned."""
-    if not poison:
-        return RecvBuffers(x=torch.empty(n_local, capacity, d, dtype=torch.int8),
-                           scale=torch.empty(n_local, capacity),
-                           weight=torch.empty(n_local, capacity),
-                           route=torch.empty(n_local, capacity, dtype=torch.int32),
-                           count=torch.zeros(n_local, dtype=torch.int64))
-    g = torch.Generator().manual_seed(0xBAD)
-    shape = (n_local, capacity)
-    return RecvBuffers(
-        x=torch.randint(-128, 128, (*shape, d), generator=g, dtype=torch.int8),
-        scale=torch.full(shape, float("nan")), weight=torch.full(shape, 3e38),
-        route=torch.randint(-2**31, 2**31 - 1, shape, generator=g, dtype=torch.int32),
-        count=torch.zeros(n_local, dtype=torch.int64))
+class _ExchangeBuffers:
+    """Wire and receive buffers one process reuses across the steps of one shape.
+
+    Fresh multi-megabyte buffers every step cost page faults (on 2 shared cores, more
+    than the copies themselves), so a DistComm takes them from a per-process pool.
+    Nothing read by a step depends on what they held before it: only rows below the
+    counts are read, every one of them written in the same step (poison tests check).
+    """
+
+    def __init__(self, shape: WindowShape) -> None:
+        nl, c, d, routes = shape.n_local, shape.capacity, shape.d_model, shape.routes
+        max_in = min(shape.ranks * routes, nl * c)      # rows one rank can receive
+        width = dispatch_row_bytes(d)
+        self.send = torch.zeros(routes, width, dtype=torch.uint8)   # pad words stay 0
+        self.recv = torch.zeros(max_in, width, dtype=torch.uint8)
+        self.x = torch.empty(nl, c, d, dtype=torch.int8)
+        self.scale = torch.empty(nl, c)
+        self.weight = torch.empty(nl, c)
+        self.route = torch.empty(nl, c, dtype=torch.int32)
+        self.y_send = torch.empty(max_in, d, dtype=torch.bfloat16)
+        # rows back in send order; row `routes` stays zero (the row of a dropped route)
+        self.y_back = torch.zeros(routes + 1, d, dtype=torch.bfloat16)
+
+    def poison(self, seed: int) -> None:
+        """Fill every buffer except the zero row with garbage (test support)."""
+        g = torch.Generator().manual_seed(seed)
+        for t in (self.recv, self.x, self.route):   # (send rows are all rewritten)
+            info = torch.iinfo(t.dtype)
+            t.copy_(torch.randint(info.min, info.max, t.shape, generator=g, dtype=t.dtype))
+        self.scale.fill_(float("nan"))
+        self.weight.fill_(3e38)
+        self.y_send.copy_(torch.randn(self.y_send.shape, generator=g) * 3e38)
+        self.y_back[:-1].copy_(torch.randn(self.y_back[:-1].shape, generator=g) * 3e38)
+
+
+#: Per-process pool of exchange buffers, keyed by (rank, shape); bounded, since a
+#: process runs one rank of one shape at a time (a few shapes in tests).
+_POOL: dict[tuple[int, WindowShape], _ExchangeBuffers] = {}
+_POOL_MAX = 4
+
+
+def _buffers(rank: int, shape: WindowShape) -> _ExchangeBuffers:
+    key = (rank, shape)
+    buf = _POOL.get(key)
+    if buf is None:
+        if len(_POOL) >= _POOL_MAX:
+            _POOL.clear()
+        buf = _POOL[key] = _ExchangeBuffers(shape)
+    return buf
 
 
 def run_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,

@@ -231,14 +231,20 @@ def plan_rank(rank: int, indices: torch.Tensor, table: torch.Tensor, capacity: i
     dst, e = route_targets(indices, n_local, ranks)
     dst, e = dst.reshape(-1), e.reshape(-1)
     bucket = dst * n_local + e
+    n = bucket.numel()
     offset = torch.cumsum(table, 0) - table              # [R(src),R(dst),NL] exclusive
-    slot = offset[rank].reshape(-1)[bucket] + scan_cursor(bucket)
-    keep = slot < capacity
-    slot = torch.where(keep, slot, torch.full_like(slot, -1))
-    routes = torch.arange(bucket.numel())
+    # In (dst, e, scan) order a route's slot is its bucket's offset plus its rank within
+    # the bucket, i.e. its position minus the bucket's first position (one sort total).
     pre = send_order(bucket)                             # (dst, e, cursor) = (dst, e, slot)
-    order = pre[keep[pre]]
-    send_split = torch.bincount(dst[keep], minlength=ranks)
+    sorted_b = bucket[pre]
+    hist = torch.bincount(bucket, minlength=ranks * n_local)
+    base = offset[rank].reshape(-1) - (torch.cumsum(hist, 0) - hist)
+    slot_sorted = base[sorted_b] + torch.arange(n)
+    keep_sorted = slot_sorted < capacity
+    order = pre[keep_sorted]
+    slot = torch.empty(n, dtype=torch.int64)
+    slot[pre] = slot_sorted.masked_fill_(~keep_sorted, -1)
+    send_split = torch.bincount(sorted_b[keep_sorted] // n_local, minlength=ranks)
     # rows I receive: for each src, expert e, slots [offset, min(offset+count, C))
     my_off = offset[:, rank, :]                           # [R(src), NL]
     my_end = torch.clamp(my_off + table[:, rank, :], max=capacity)
@@ -247,10 +253,10 @@ def plan_rank(rank: int, indices: torch.Tensor, table: torch.Tensor, capacity: i
     lengths = n_from.reshape(-1)
     seg_first = torch.cumsum(lengths, 0) - lengths
     total = int(lengths.sum())
-    recv_rows = (torch.repeat_interleave(starts - seg_first, lengths)
+    recv_rows = (torch.repeat_interleave(starts - seg_first, lengths, output_size=total)
                  + torch.arange(total)) if total else torch.zeros(0, dtype=torch.int64)
     return RankPlan(rank=rank, dst_rank=dst, local_expert=e, slot=slot, order=order,
-                    send_split=send_split, dropped_routes=routes[~keep],
+                    send_split=send_split, dropped_routes=torch.nonzero(slot < 0).flatten(),
                     recv_count=n_from.sum(0), recv_split=n_from.sum(1),
                     recv_rows=recv_rows, dropped=dropped_all[rank], recv_from=n_from,
                     recv_offset=my_off.clone())

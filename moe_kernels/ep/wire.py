@@ -1,20 +1,33 @@
 """Row formats shared by the transports: padded scalar tiles and packed wire rows.
 
-The scalar channels travel as 8-column rows (value in column 0, zeros after) so that each
-route's scale / weight / r_route is one 32-byte tile (spec §2.5). Over torch.distributed
-the four dispatch channels of one route travel as ONE contiguous byte row
-``[x_i8: D][scale: 32][weight: 32][r_route: 32]`` so a dispatch is a single all-to-all;
-combine rows are ``[y: D BF16][r_route: INT32 as 2 BF16]``.
+The scalar channels live in the symmetric windows as 8-column rows (value in column 0,
+zeros after) so that each route's scale / weight / r_route is one 32-byte tile (spec §2.5);
+`pad_column` builds them for the `local` transport.
+
+Over torch.distributed the four dispatch channels of one route travel as ONE contiguous
+byte row, so a dispatch is a single all-to-all::
+
+    [x_i8: D bytes][scale: FP32][weight: FP32][r_route: INT32][pad: 4 zero bytes]
+
+The tiles' zero padding is not sent (it carries no information; a receiver that wants
+32-byte tiles pads locally). Rows are written in place into a preallocated [N, D + 16]
+UINT8 buffer through dtype views, and read back the same way (no concatenation).
+Combine rows are bare [y: D BF16]: the rows come back in exactly the order they were
+sent, so the origin knows every row's r_route without it travelling again.
 """
 from __future__ import annotations
 
 import torch
 
 from ..backend import PackedRoutes
-from .layout import PAD_BYTES, PAD_COLS
+from .layout import PAD_COLS
 
-#: Extra BF16 columns carrying the INT32 route id in a combine wire row.
-ROUTE_TAG_COLS = 2
+#: INT32 words after x_i8 in a dispatch wire row: scale, weight, r_route, zero pad.
+TAIL_WORDS = 4
+#: Bytes after x_i8 in a dispatch wire row (16: keeps rows 16-byte aligned for D % 16 == 0).
+TAIL_BYTES = TAIL_WORDS * 4
+#: Word index of each scalar channel in a row's tail.
+SCALE_WORD, WEIGHT_WORD, ROUTE_WORD = 0, 1, 2
 
 
 def pad_column(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -25,39 +38,38 @@ def pad_column(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dispatch_row_bytes(d_model: int) -> int:
-    """Bytes of one packed dispatch row: D + 3 padded 32-byte tiles."""
-    return d_model + 3 * PAD_BYTES
+    """Bytes of one packed dispatch wire row: D + 16."""
+    return d_model + TAIL_BYTES
 
 
-def pack_dispatch(packed: PackedRoutes) -> torch.Tensor:
-    """PackedRoutes of N routes -> [N, D + 96] UINT8 wire rows."""
-    n, d = packed.x.shape
-    return torch.cat([
-        packed.x.reshape(n, d).view(torch.uint8),
-        pad_column(packed.scale, torch.float32).view(torch.uint8),
-        pad_column(packed.weight, torch.float32).view(torch.uint8),
-        pad_column(packed.route, torch.int32).view(torch.uint8)], dim=1)
+def check_wire_width(d_model: int) -> None:
+    """The tail's FP32/INT32 views need 4-byte aligned rows: D must be a multiple of 4."""
+    if d_model % 4:
+        raise ValueError(f"the gloo wire format needs hidden_size % 4 == 0, got {d_model}")
+
+
+def row_tail(rows: torch.Tensor, d_model: int) -> torch.Tensor:
+    """[N, D + 16] UINT8 wire rows -> their tails as an [N, 4] INT32 view (no copy)."""
+    return rows[:, d_model:].view(torch.int32)
+
+
+def pack_dispatch_into(wire: torch.Tensor, packed: PackedRoutes) -> torch.Tensor:
+    """Write PackedRoutes of N routes into rows [0, N) of `wire` [>= N, D + 16] UINT8
+    (whose pad words are zero) and return that [N, D + 16] view."""
+    n, d = packed.x.shape[0], wire.shape[1] - TAIL_BYTES
+    rows = wire[:n]
+    rows[:, :d].copy_(packed.x.reshape(n, d).view(torch.uint8))
+    tail = row_tail(rows, d)
+    tail[:, SCALE_WORD].copy_(packed.scale.reshape(-1).to(torch.float32).view(torch.int32))
+    tail[:, WEIGHT_WORD].copy_(packed.weight.reshape(-1).to(torch.float32).view(torch.int32))
+    tail[:, ROUTE_WORD].copy_(packed.route.reshape(-1).to(torch.int32))
+    return rows
 
 
 def unpack_dispatch(rows: torch.Tensor, d_model: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, D + 96] UINT8 -> (x [N,D] INT8, scale [N] FP32, weight [N] FP32, route [N] INT32)."""
-    d, p = d_model, PAD_BYTES
-    x = rows[:, :d].contiguous().view(torch.int8)
-    scale = rows[:, d:d + p].contiguous().view(torch.float32)[:, 0]
-    weight = rows[:, d + p:d + 2 * p].contiguous().view(torch.float32)[:, 0]
-    route = rows[:, d + 2 * p:d + 3 * p].contiguous().view(torch.int32)[:, 0]
-    return x, scale, weight, route
-
-
-def pack_combine(y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-    """y [N,D] BF16 and route [N] INT32 -> [N, D + 2] BF16 wire rows (route bit-cast)."""
-    tag = route.to(torch.int32).reshape(-1, 1).contiguous().view(torch.bfloat16)
-    return torch.cat([y, tag], dim=1)
-
-
-def unpack_combine(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, D + 2] BF16 -> (y [N,D] BF16, route [N] INT64)."""
-    y = rows[:, :-ROUTE_TAG_COLS]
-    route = rows[:, -ROUTE_TAG_COLS:].contiguous().view(torch.int32).reshape(-1)
-    return y, route.to(torch.int64)
+    """[N, D + 16] UINT8 -> views (x [N,D] INT8, scale [N] FP32, weight [N] FP32,
+    route [N] INT32) into the rows (no copies)."""
+    tail = row_tail(rows, d_model)
+    return (rows[:, :d_model].view(torch.int8), tail[:, SCALE_WORD].view(torch.float32),
+            tail[:, WEIGHT_WORD].view(torch.float32), tail[:, ROUTE_WORD])
