@@ -8,22 +8,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_kernels.backend import PackedRoutes
+from moe_kernels.ep.examples import worked_example
 from moe_kernels.ep.layout import CapacityOverflowError, compute_layout, plan_rank, send_histogram
 from moe_kernels.ep.local import LocalTransport
 from moe_kernels.ep.windows import WindowShape
 
-# spec §3.9: 2 ranks, 4 tokens, NL = 4 (8 global experts), top-2
-EXAMPLE = torch.tensor([[[1, 5], [5, 2], [1, 6], [7, 1]],
-                        [[5, 1], [0, 6], [5, 4], [2, 1]]])
-EXAMPLE_SLOTS = [[[0, 0], [1, 0], [1, 0], [0, 2]],
-                 [[2, 3], [0, 1], [3, 0], [1, 4]]]
+# spec §3.9: 2 ranks, 4 tokens, NL = 4 (8 global experts), top-2; the spec's tables live
+# once, in moe_kernels.ep.examples
+_EX = worked_example()
+EXAMPLE = _EX.indices()
+EXAMPLE_SLOTS = [[list(k) for k in t] for t in _EX.slots]
 # receive buffers per rank, per local expert: (source rank, r_route) per slot
-EXAMPLE_RECV = {
-    0: {0: [(1, 2)], 1: [(0, 0), (0, 4), (0, 7), (1, 1), (1, 7)],
-        2: [(0, 3), (1, 6)], 3: []},
-    1: {0: [(1, 5)], 1: [(0, 1), (0, 2), (1, 0), (1, 4)],
-        2: [(0, 5), (1, 3)], 3: [(0, 6)]},
-}
+EXAMPLE_RECV = {d: {e: list(rows) for e, rows in enumerate(per_e)}
+                for d, per_e in enumerate(_EX.receive_buffers)}
 
 
 def test_worked_example_slots_counts_and_prefixes() -> None:
