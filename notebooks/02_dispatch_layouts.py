@@ -44,7 +44,7 @@ from moe_kernels.analysis.extra_params import validate_factor, validate_flag
 from moe_kernels.analysis.params import validate_params
 
 # %% tags=["parameters"]
-preset = "demo"          # tiny | demo | flash | pro
+preset = "tiny"          # tiny | demo | flash | pro (the batch run uses demo)
 ranks = 2                # EP ranks; must divide the preset's n_routed_experts
 batch = 64               # decode batch per rank
 seq = 2                  # tokens per sequence per step (MTP), T is batch x seq per rank

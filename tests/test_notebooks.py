@@ -114,4 +114,4 @@ def test_helpers():
     assert nr.resolve_notebook("01") == nr.resolve_notebook("01_routing.py")
     with pytest.raises(nr.NotebookRunError, match="01_routing"):
         nr.resolve_notebook("99_missing")
-    assert nr.notebook_parameters("01_routing")["preset"] == "demo"
+    assert nr.notebook_parameters("01_routing")["preset"] == "tiny"
