@@ -2,6 +2,8 @@
 what-if, a communication model, figure saving and the figures manifest.
 
 Every module here is pure (tensors and frozen dataclasses in, tensors and frozen
-dataclasses out) except `plots` (draws) and `manifest` (writes files when asked).
+dataclasses out) except `plots`, `ep_plots` and `latency_plots` (draw), `manifest`
+(writes files when asked) and `latency`, whose `run_ep_per_rank` and `stage_sweep` run
+pypto kernels when called.
 Nothing runs at import time.
 """
