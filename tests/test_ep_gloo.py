@@ -10,32 +10,13 @@ import os
 import time
 
 import pytest
-import torch
+from bitwise import assert_same_result, same_bytes
 
 from moe_kernels.config import RunConfig, get_preset
 from moe_kernels.ep import CapacityOverflowError, run_ep_layer
 from moe_kernels.ep.dist import DistTimeoutError, SpawnedWorld
 from moe_kernels.fixtures import make_inputs, make_weights
-from moe_kernels.layer import STAGE_KEYS, reference_layer
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.is_floating_point:
-        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
-    return torch.equal(a, b)
-
-
-def assert_same_result(a, b) -> None:
-    assert same_bytes(a.x_next, b.x_next)
-    for k in STAGE_KEYS:
-        assert same_bytes(a.stages[k], b.stages[k]), k
-    la, lb = a.extra["layout"].to_dump(), b.extra["layout"].to_dump()
-    for k in la:
-        assert torch.equal(la[k], lb[k]), k
-    assert torch.equal(a.extra["dropped"], b.extra["dropped"])
+from moe_kernels.layer import reference_layer
 
 
 def alive(pid: int) -> bool:
@@ -74,8 +55,8 @@ def test_gloo_equals_local_and_reference(world, weights, routing: str) -> None:
     g1 = world.run_layer(run, inputs, weights)
     g2 = world.run_layer(run, inputs, weights)
     local = run_ep_layer(run, inputs, weights, transport="local")
-    assert_same_result(g1, local)
-    assert_same_result(g1, g2)
+    assert_same_result(g1, local, layouts=True)
+    assert_same_result(g1, g2, layouts=True)
     ref = reference_layer(run, inputs, weights)
     assert same_bytes(g1.x_next, ref.x_next)
 
@@ -84,7 +65,7 @@ def test_gloo_poison_gives_identical_bytes(world, weights) -> None:
     run = tiny_run(2)
     inputs = make_inputs(run, seed=6)
     assert_same_result(world.run_layer(run, inputs, weights, poison=True),
-                       world.run_layer(run, inputs, weights))
+                       world.run_layer(run, inputs, weights), layouts=True)
 
 
 def test_gloo_drop_mode_equals_local(world, weights) -> None:
@@ -92,7 +73,7 @@ def test_gloo_drop_mode_equals_local(world, weights) -> None:
     inputs = make_inputs(run)
     g = world.run_layer(run, inputs, weights, overflow="drop")
     assert int(g.extra["dropped"].sum()) > 0
-    assert_same_result(g, run_ep_layer(run, inputs, weights, overflow="drop"))
+    assert_same_result(g, run_ep_layer(run, inputs, weights, overflow="drop"), layouts=True)
 
 
 def test_gloo_capacity_error_keeps_the_world(world, weights) -> None:
@@ -107,7 +88,7 @@ def test_run_ep_layer_gloo_four_ranks(weights) -> None:
     run = tiny_run(4, "sort")
     inputs = make_inputs(run, seed=2)
     assert_same_result(run_ep_layer(run, inputs, weights, transport="gloo", timeout=30.0),
-                       run_ep_layer(run, inputs, weights, transport="local"))
+                       run_ep_layer(run, inputs, weights, transport="local"), layouts=True)
 
 
 def test_rank_that_never_arrives_times_out_and_leaves_no_process(weights) -> None:

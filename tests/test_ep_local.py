@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from bitwise import assert_same_result, same_bytes
 
 from moe_kernels.config import RunConfig, get_preset
 from moe_kernels.ep import (
@@ -17,23 +18,7 @@ from moe_kernels.ep import (
     run_ep_layer,
 )
 from moe_kernels.fixtures import make_inputs, make_weights
-from moe_kernels.layer import STAGE_KEYS, reference_layer
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (NaN-safe, -0 != +0)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.is_floating_point:
-        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
-    return torch.equal(a, b)
-
-
-def assert_same_result(a, b) -> None:
-    assert same_bytes(a.x_next, b.x_next)
-    for k in STAGE_KEYS:
-        assert same_bytes(a.stages[k], b.stages[k]), k
+from moe_kernels.layer import reference_layer
 
 
 @pytest.fixture(scope="module")

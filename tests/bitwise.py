@@ -1,0 +1,27 @@
+"""Bitwise comparison helpers shared by the EP tests."""
+import torch
+
+from moe_kernels.layer import STAGE_KEYS
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN-safe, -0 != +0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point:
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
+    return torch.equal(a, b)
+
+
+def assert_same_result(a, b, layouts: bool = False) -> None:
+    """x_next and every stage tensor bit for bit; with `layouts`, the EP layouts and
+    dropped counts too."""
+    assert same_bytes(a.x_next, b.x_next)
+    for k in STAGE_KEYS:
+        assert same_bytes(a.stages[k], b.stages[k]), k
+    if layouts:
+        la, lb = a.extra["layout"].to_dump(), b.extra["layout"].to_dump()
+        for k in la:
+            assert torch.equal(la[k], lb[k]), k
+        assert torch.equal(a.extra["dropped"], b.extra["dropped"])
