@@ -85,6 +85,7 @@ def test_cache_dir_env_override(monkeypatch, tmp_path):
 def test_stage_report_records_and_table(monkeypatch):
     # calibrated limits replaced by the configured ones: the calibration run is a benchmark
     monkeypatch.setattr(report, "calibrated_limits", report.configured_limits)
+    monkeypatch.setattr(report, "calibrated_vector_ops_per_s", lambda: 2.4e12)
     run = RunConfig(get_preset("tiny"), batch=4, seq=2, ranks=2)
     recs = report.stage_report(run, stages=("pack_routes", "reduce_routes", "hc_post"))
     assert [r.stage for r in recs] == ["pack_routes", "reduce_routes", "hc_post"]
@@ -94,6 +95,10 @@ def test_stage_report_records_and_table(monkeypatch):
                 "ratio"} <= set(d)
         assert d["sim_us"] > 0 and d["bytes"] > 0 and d["roofline_us"] > 0
         assert d["ratio"] == pytest.approx(d["sim_us"] / d["roofline_us"])
+        # the vector bound is an extra column, not folded into roofline_us
+        assert d["vec_roof_us"] == pytest.approx(d["vec_ops"] / 2.4e12 * 1e6)
+        assert d["bound_ratio"] == pytest.approx(
+            d["sim_us"] / max(d["roofline_us"], d["vec_roof_us"]))
     table = report.format_stage_table(recs)
     assert "hc_post" in table and "total" in table and "1800 MHz" in table
     with pytest.raises(ValueError, match="stages must be a subset"):

@@ -29,10 +29,17 @@ FFN_CUBE_M = 128
 #: Measured at demo (expert_shared, T=128): 16x512 138 us, 4x1024 126, 4x4096 108,
 #: 2x4096 132; 8x4096 does not fit UB (compile error).
 ROW_TILE, COL_TILE = 4, 4096
+#: N tile of the shared expert's w2 matmul (w1/w3 keep FFN_CUBE_N): each cube task reloads
+#: the whole [T, I] INT8 activation (512 KiB at demo) next to its weight panel, so wider
+#: panels move fewer bytes: 256 -> 16 tasks of 18 us instead of 32 of 13.8 us in two waves
+#: on 24 cube cores (expert_shared 107.9 -> 98.1 us; N 64 / 32 were slower: 156 / 221 us).
+SHARED_W2_N = 256
 
 
-def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None):
-    """The FFN of one weight set over rows x [M, D] INT8 (xs [M, 1]); returns FP32 y [M, D]."""
+def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
+                 w2_tiles=None):
+    """The FFN of one weight set over rows x [M, D] INT8 (xs [M, 1]); returns FP32 y [M, D].
+    w2_tiles: (m, k_dims, n) arguments of _cube_tiles for the w2 matmul, if it differs."""
     g = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w1, pypto.DT_INT32, b_trans=True),
                                        pypto.DT_FP32), xs), s1)
     u = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w3, pypto.DT_INT32, b_trans=True),
@@ -42,6 +49,8 @@ def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None)
         u = pypto.clip(u, -limit, limit)
     h = pypto.mul(pypto.mul(g, pypto.sigmoid(g)), u)
     h_i8, hs = quantize_rows_q8(pypto, h)
+    if w2_tiles is not None:
+        _cube_tiles(pypto, *w2_tiles)
     y = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(h_i8, w2, pypto.DT_INT32, b_trans=True),
                                        pypto.DT_FP32), hs), s2)
     if row_w is not None:
@@ -49,11 +58,11 @@ def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None)
     return y
 
 
-def _cube_tiles(pypto, m: int, k_dims: tuple[int, ...]) -> None:
+def _cube_tiles(pypto, m: int, k_dims: tuple[int, ...], n: int = FFN_CUBE_N) -> None:
     mt = min(FFN_CUBE_M, -(-m // 16) * 16)
     k0 = min(_tile(min(k_dims), FFN_CUBE_K0), FFN_CUBE_K0)
     k1 = max(k0, _tile(min(k_dims), FFN_CUBE_K1))
-    pypto.set_cube_tile_shapes([mt, mt], [k0, k1], [FFN_CUBE_N, FFN_CUBE_N])
+    pypto.set_cube_tile_shapes([mt, mt], [k0, k1], [n, n])
 
 
 @functools.lru_cache(maxsize=16)
@@ -63,6 +72,7 @@ def _shared_kernel(t: int, d: int, i: int, limit: float):
     ct = _tile(min(d, i), COL_TILE)
     swiglu = _swiglu_rows
     tiles = _cube_tiles
+    w2_n = SHARED_W2_N
 
     @pypto.frontend.jit(**rt.jit_options())
     def expert_shared_k(x: pypto.Tensor((t, d), pypto.DT_INT8),
@@ -77,7 +87,8 @@ def _shared_kernel(t: int, d: int, i: int, limit: float):
         """sh = bf16(SwiGLU-W8A8(x))."""
         pypto.set_vec_tile_shapes(rt_, ct)
         tiles(pypto, t, (d, i))
-        y = swiglu(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit)
+        y = swiglu(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit,
+                   w2_tiles=(t, (d, i), w2_n))
         sh[:] = pypto.cast(y, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
 
     return expert_shared_k

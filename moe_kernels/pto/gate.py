@@ -18,10 +18,31 @@ TOKEN_TILE = 4
 #: and Q8 reductions need no partial sums (1024 -> 37.8 us, 4096 -> 31.5 us at demo R=2).
 COL_TILE = 4096
 #: Cube tiles of z = xg @ gate_w^T, [T, D] x [D, E] FP32: M 16, K 512 in L0 (the
-#: reference's K-chunk) and 1024 per L1 fill with split-K (GM accumulation), N = E rounded
+#: reference's K-chunk) and 2048 per L1 fill with split-K (GM accumulation), N = 3E rounded
 #: up to 16 (cube N tiles must be 16-aligned). Split-K: E is tiny, so K chunks are the
-#: parallelism (without it: 8 tasks of 16 us).
-GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 16, 512, 1024
+#: parallelism (without it: 8 tasks of 16 us). K1 2048 (2 chunks, 16 tasks): 28.4 -> 22.7 us
+#: at demo R=2 vs 1024 (4 chunks: 32 tasks, two waves, and twice the partials to reduce).
+GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 16, 512, 2048
+#: gate_w (FP32) enters the cube as 3 stacked BF16 pieces (hi, mid, lo; see split_bf16):
+#: with x_norm in BF16 the products are exact and the sum matches an FP32 matmul to
+#: ~2^-26, and the FP32 copy of x_norm (2 MB at demo) is neither written nor read.
+GATE_W_SPLIT = 3
+#: Token rows per vector tile of the score / routing tail ([T, E] and [T, K], tiny): 16
+#: rows (one task per cube M tile): 31.7 -> 28.4 us vs 4 rows (per-op overhead, not data).
+SCORE_TOKEN_TILE = 16
+
+
+def split_bf16(w: torch.Tensor, parts: int) -> torch.Tensor:
+    """FP32 w [R, C] as `parts` BF16 pieces stacked on rows ([parts·R, C]): piece k is the
+    BF16 rounding of what pieces 0..k-1 left over, so Σ_k piece_k = w to ~2^-(9·parts)
+    relative (3 parts: ~2^-26, below FP32's own 2^-24 rounding)."""
+    rest = w.to(torch.float32)
+    pieces = []
+    for _ in range(parts):
+        p = rest.to(torch.bfloat16)
+        pieces.append(p)
+        rest = rest - p.to(torch.float32)
+    return torch.cat(pieces).contiguous()
 
 
 def quantize_rows_q8(pypto, v):
@@ -47,14 +68,15 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
     ct = _tile(d, COL_TILE)
     kt = _tile(d, GATE_CUBE_K)
     kt1 = max(kt, _tile(d, GATE_CUBE_K1))
-    nt = -(-e // 16) * 16
+    nt = -(-(GATE_W_SPLIT * e) // 16) * 16
     mt = min(GATE_CUBE_M, -(-t // 16) * 16)
     q8 = quantize_rows_q8
+    st = _tile(t, SCORE_TOKEN_TILE)
 
     @pypto.frontend.jit(**rt.jit_options())
     def gate_k(x_mixed: pypto.Tensor((t, d), pypto.DT_BF16),
                norm_w: pypto.Tensor((1, d), pypto.DT_FP32),
-               gate_w: pypto.Tensor((e, d), pypto.DT_FP32),
+               gate_w3: pypto.Tensor((GATE_W_SPLIT * e, d), pypto.DT_BF16),
                gate_bias: pypto.Tensor((1, e), pypto.DT_FP32),
                tid2eid: pypto.Tensor((vocab, k), pypto.DT_INT32),
                ids: pypto.Tensor((t,), pypto.DT_INT32),
@@ -73,8 +95,12 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
                         pypto.DT_BF16, pypto.CastMode.CAST_RINT)
         xg = pypto.cast(xn, pypto.DT_FP32)
         xq, xs = q8(pypto, xg)
-        z = pypto.matmul(xg, gate_w, pypto.DT_FP32, b_trans=True)       # [T, E]
-        pypto.set_vec_tile_shapes(tt, e)
+        # xg = FP32(xn) is exact in BF16, so the cube reads xn (BF16) against the BF16
+        # split of gate_w: every product is exact and accumulated in FP32.
+        z3 = pypto.matmul(xn, gate_w3, pypto.DT_FP32, b_trans=True)    # [T, 3E]
+        pypto.set_vec_tile_shapes(st, e)
+        z = pypto.add(pypto.view(z3, [t, e], [0, 0]),                   # hi + (mid + lo)
+                      pypto.add(pypto.view(z3, [t, e], [0, e]), pypto.view(z3, [t, e], [0, 2 * e])))
         # No pypto.softplus in 0.2.0: softplus(z) = max(z, 0) + log1p(exp(-|z|)).
         sp = pypto.add(pypto.maximum(z, 0.0), pypto.log1p(pypto.exp(pypto.neg(pypto.abs(z)))))
         score = pypto.sqrt(sp)
@@ -82,7 +108,7 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
             idx = pypto.index_select(tid2eid, 0, ids)                    # [T, K]
         else:
             _, idx = pypto.topk(pypto.add(score, gate_bias), k, -1, True)
-        pypto.set_vec_tile_shapes(tt, k)
+        pypto.set_vec_tile_shapes(st, k)
         picked = pypto.gather(score, 1, idx)
         total = pypto.view(picked, [t, 1], [0, 0])
         for j in range(1, k):
@@ -122,7 +148,7 @@ def gate(x_mixed: torch.Tensor, norm_w: torch.Tensor, gate_w: torch.Tensor,
                   torch.empty(t, k, dtype=torch.float32))
     lat = rt.launch(kern, x_mixed.reshape(t, d).contiguous(),
                     norm_w.to(torch.float32).reshape(1, d).contiguous(),
-                    gate_w.to(torch.float32).contiguous(),
+                    split_bf16(gate_w, GATE_W_SPLIT),
                     gate_bias.to(torch.float32).reshape(1, e).contiguous(),
                     tid2eid.to(torch.int32).contiguous(), ids.to(torch.int32).contiguous(),
                     *out, name=f"gate_{routing}")

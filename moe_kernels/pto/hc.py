@@ -14,27 +14,39 @@ from ..config import ModelConfig
 from . import runtime as rt
 from .runtime import LatencyRecord
 
-#: hc_pre RMS/cast tiles: 4 tokens x 512 FP32 columns -> 32 row groups for the RMS sum over
-#: hc·D = 16K columns (measured: 16 rows 319 us total, 4 rows 185 us, 1 row 264 us).
+#: hc_pre RMS tiles: 4 tokens x 4096 columns -> 32 tasks; Σx² is taken as hc·D/4096 chunk
+#: sums, each over a whole tile row, added in chunk order (a sum split across tiles made
+#: the model write FP32 partials to GM: 32 tasks of 15 us -> 4.5 us).
 TOKEN_TILE = 4
-#: Columns per tile of the cast + RMS sum over hc·D: 4 x 4096 FP32 = 64 KiB (fewer partial
-#: sums per row: 512 -> 141 us, 2048 -> 138 us, 4096 -> 133 us for the whole kernel).
 RMS_COL_TILE = 4096
-#: Columns per vector tile over D (and over hc·D for the RMS sum): a multiple of the
-#: 128-lane vector width; 16 x 512 FP32 = 32 KiB per live tile.
+#: x_mixed tiles: 32 tokens x 512 columns -> 32 tasks, one wave on 48 vector cores
+#: (16 x 512: 64 tasks, two waves, 70.3 -> 68.6 us for the kernel; the cost per task
+#: scales with its elements, 4x4096 / 8x2048 measured the same).
 COL_TILE = 512
-#: x_mixed tile: 16 tokens x 512 -> 64 tasks over 48 vector cores (measured best of
-#: 4/16 rows: per-task cost in the model is dominated by the ops, not the tile size).
-XMIX_TOKEN_TILE = 16
-#: hc_post vector tile (tokens x columns): 16 x 512 -> 64 tasks (4 x 2048, 32 x 256 and
-#: 4 x 1024 measured equal or slower).
-POST_TOKEN_TILE, POST_COL_TILE = 16, 512
-#: Cube tiles for mix^T = fn @ X^T, [mix_hc, hc·D] x [T, hc·D]^T (FP32): M 16, N <= 32,
-#: K 512 in L0 (16·512·4 = 32 KiB) and 2048 per L1 fill, with split-K (GM accumulation):
-#: K = 16K is long and M·N tiny, so K chunks are what spread the work over the cube cores
-#: (without split-K: 2 tasks of 233 us each).
-MIX_CUBE_M, MIX_CUBE_K, MIX_CUBE_N = 16, 512, 32
-MIX_CUBE_K1 = 2048
+XMIX_TOKEN_TILE = 32
+#: hc_post vector tile [tokens, hc, columns]: 1 x 4 x 4096 -> 128 tasks of ~8.9 us in the
+#: 3-D form (measured at demo R=2: 4x1024 40.2 us, 2x2048 39.4, 1x4096 39.2; the 2-D form
+#: with one [16, 1] scalar load per (i, o) was 66.1 us at 16 x 512). Bigger tiles do not
+#: fit UB (the FP32 copy of all hc streams is 4x the output tile).
+POST_TOKEN_TILE, POST_COL_TILE = 1, 4096
+#: hc_post tiles per vector task (pypto vec_nbuffer_setting): 128 tiles -> 43 tasks, one wave
+#: on 48 vector cores (1 per task: 128 tasks, three waves, 39.2 us; 2: 41.1; 3: 32.0; 4: 37.9).
+POST_TILES_PER_TASK = 3
+#: Cube tiles for mix^T = fn_hl @ X^T, [2·mix_hc, hc·D] x [T, hc·D]^T, BF16 in, FP32 out:
+#: hc_fn is split on the host into BF16 hi + lo halves (fn = hi + lo to ~2^-17 relative),
+#: so the cube reads x_hc as it is (BF16) instead of an FP32 copy of x written by the
+#: vector cores (8 MB written + 8 MB read at demo). M = 2·mix = 48 rows in one tile,
+#: K 256 in L0 and MIX_CUBE_K1 per L1 fill with split-K: M·N is tiny and K = 16K long,
+#: so K chunks are what spread the work over the cube cores. N 16 x K1 4096 (8 x 4 tiles):
+#: fewer K chunks mean fewer partials for the split-K reduction, which the model runs as
+#: one vector task per N tile with one load per partial (N 64 / K1 1024: 14 us of
+#: reduction; N 16 / K1 4096: 3.4 us; kernel 94.0 -> 70.3 us). K0 256: L0A 24 KiB.
+#: (FP32 fn with an FP32 copy of x, M 16 / K1 2048: the kernel was 132.7 us; the split
+#: alone, N 64 / K1 1024: 92.4 us.)
+MIX_CUBE_M, MIX_CUBE_K, MIX_CUBE_N, MIX_CUBE_K1 = 48, 256, 16, 4096
+#: Merge scope (pypto sg_set_scope) of the Sinkhorn chain: its own vector task, so the
+#: x_mixed tasks (which need only `pre`) run beside it instead of after it (68.6 -> 55.9 us).
+SINKHORN_SCOPE = 2
 
 
 def _tile(n: int, want: int) -> int:
@@ -58,10 +70,11 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
     kt = _tile(hd, MIX_CUBE_K)
     kt1 = _tile(hd, MIX_CUBE_K1)
     nt = min(MIX_CUBE_N, -(-t // 16) * 16)  # cube N tiles must be 16-aligned
+    mm_m = min(MIX_CUBE_M, 2 * mix)
 
     @pypto.frontend.jit(**rt.jit_options())
     def hc_pre_k(x: pypto.Tensor((t, hd), pypto.DT_BF16),
-                 fn: pypto.Tensor((mix, hd), pypto.DT_FP32),
+                 fn_hl: pypto.Tensor((2 * mix, hd), pypto.DT_BF16),
                  scale_col: pypto.Tensor((mix, 1), pypto.DT_FP32),
                  base_col: pypto.Tensor((mix, 1), pypto.DT_FP32),
                  x_mixed: pypto.Tensor((t, d), pypto.DT_BF16),
@@ -71,34 +84,48 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
         x_mixed = bf16(Σ_h pre_h · x_h). Logits are kept token-minor ([mix, T]) so every
         reduction runs over a 32-byte aligned last axis (pypto needs that; hc = 4 FP32 is 16 B)."""
         pypto.set_vec_tile_shapes(tt, rc)
-        pypto.set_cube_tile_shapes([MIX_CUBE_M, MIX_CUBE_M], [kt, kt1], [nt, nt], True)
-        xf = pypto.cast(x, pypto.DT_FP32)
-        ssq = pypto.sum(pypto.mul(xf, xf), -1, keepdim=True)
+        pypto.set_cube_tile_shapes([mm_m, mm_m], [kt, kt1], [nt, nt], True)
+        # Σ x² per token as hd/rc chunk sums, each over one whole tile row (a reduction
+        # split across tiles would write FP32 partials to GM), added in chunk order.
+        ssq = None
+        for j in range(hd // rc):
+            xc = pypto.cast(pypto.view(x, [t, rc], [0, j * rc]), pypto.DT_FP32)
+            part = pypto.sum(pypto.mul(xc, xc), -1, keepdim=True)
+            ssq = part if ssq is None else pypto.add(ssq, part)
         r = pypto.rsqrt(pypto.add(pypto.div(ssq, float(hd)), rms_eps))
-        mm_t = pypto.matmul(fn, xf, pypto.DT_FP32, b_trans=True)      # [mix, T]
+        mm_hl = pypto.matmul(fn_hl, x, pypto.DT_FP32, b_trans=True)   # [2·mix, T]
         pypto.set_vec_tile_shapes(mix, t)
-        logits = pypto.add(pypto.mul(pypto.mul(pypto.reshape(r, [1, t]), mm_t), scale_col),
-                           base_col)
+        mm_t = pypto.add(pypto.view(mm_hl, [mix, t], [0, 0]),              # hi·x + lo·x
+                         pypto.view(mm_hl, [mix, t], [mix, 0]))
+        # Reshapes are inplace (views of the same storage): a copying reshape ran as 128
+        # tiny serial tasks in the model (kernel 94.0 -> 78.3 us).
+        r_row = pypto.reshape(r, [1, t], inplace=True)
+        logits = pypto.add(pypto.mul(pypto.mul(r_row, mm_t), scale_col), base_col)
         pre = pypto.add(pypto.sigmoid(pypto.view(logits, [hc, t], [0, 0])), hc_eps)
         post_t[:] = pypto.mul(pypto.sigmoid(pypto.view(logits, [hc, t], [hc, 0])), 2.0)
+        # x_mixed: FP32 accumulation over streams h = 0..hc-1 in order.
+        pypto.set_vec_tile_shapes(xt, ct)
+        # (x is read as BF16 and cast here: no FP32 copy of x goes through GM.)
+        acc = pypto.mul(pypto.reshape(pypto.view(pre, [1, t], [0, 0]), [t, 1], inplace=True),
+                        pypto.cast(pypto.view(x, [t, d], [0, 0]), pypto.DT_FP32))
+        for h in range(1, hc):
+            pre_h = pypto.reshape(pypto.view(pre, [1, t], [h, 0]), [t, 1], inplace=True)
+            acc = pypto.add(acc, pypto.mul(pre_h, pypto.cast(pypto.view(x, [t, d], [0, h * d]),
+                                                             pypto.DT_FP32)))
+        x_mixed[:] = pypto.cast(acc, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
+        pypto.set_pass_options(sg_set_scope=SINKHORN_SCOPE)
         # Sinkhorn on C[i, j, t]: row softmax over j + eps, column norm over i,
         # then (iters - 1) x (row, column) normalisations, each / (sum + eps).
         pypto.set_vec_tile_shapes(hc, hc, t)
-        lg = pypto.reshape(pypto.view(logits, [hc * hc, t], [2 * hc, 0]), [hc, hc, t])
+        lg = pypto.reshape(pypto.view(logits, [hc * hc, t], [2 * hc, 0]), [hc, hc, t],
+                           inplace=True)
         c = pypto.add(pypto.softmax(lg, 1), hc_eps)
         c = pypto.div(c, pypto.add(pypto.sum(c, 0, keepdim=True), hc_eps))
         for _ in range(iters - 1):
             c = pypto.div(c, pypto.add(pypto.sum(c, 1, keepdim=True), hc_eps))
             c = pypto.div(c, pypto.add(pypto.sum(c, 0, keepdim=True), hc_eps))
         comb_t[:] = c
-        # x_mixed: FP32 accumulation over streams h = 0..hc-1 in order.
-        pypto.set_vec_tile_shapes(xt, ct)
-        acc = pypto.mul(pypto.reshape(pypto.view(pre, [1, t], [0, 0]), [t, 1]),
-                        pypto.view(xf, [t, d], [0, 0]))
-        for h in range(1, hc):
-            acc = pypto.add(acc, pypto.mul(pypto.reshape(pypto.view(pre, [1, t], [h, 0]), [t, 1]),
-                                           pypto.view(xf, [t, d], [0, h * d])))
-        x_mixed[:] = pypto.cast(acc, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
+        pypto.set_pass_options(sg_set_scope=-1)
 
     return hc_pre_k
 
@@ -122,7 +149,12 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
     x_mixed = torch.empty(t, d, dtype=torch.bfloat16)
     post_t = torch.empty(hc, t, dtype=torch.float32)
     comb_t = torch.empty(hc, hc, t, dtype=torch.float32)
-    lat = rt.launch(k, x_hc.reshape(t, hc * d).contiguous(), hc_fn.to(torch.float32).contiguous(),
+    # hc_fn (FP32) as BF16 hi + lo rows: hi = bf16(fn), lo = bf16(fn - hi); Σ (hi + lo)·x in
+    # FP32 matches the FP32 product to ~2^-17 relative (same bytes as the FP32 weight).
+    fn32 = hc_fn.to(torch.float32)
+    hi = fn32.to(torch.bfloat16)
+    fn_hl = torch.cat([hi, (fn32 - hi.to(torch.float32)).to(torch.bfloat16)]).contiguous()
+    lat = rt.launch(k, x_hc.reshape(t, hc * d).contiguous(), fn_hl,
                     scale_vec.reshape(mix, 1).contiguous(),
                     hc_base.to(torch.float32).reshape(mix, 1).contiguous(),
                     x_mixed, post_t, comb_t, name="hc_pre")
@@ -138,25 +170,34 @@ def _hc_post_kernel(t: int, hc: int, d: int):
     pypto = rt.ensure_ready()
     tt = _tile(t, POST_TOKEN_TILE)
     ct = _tile(d, POST_COL_TILE)
+    # vec_nbuffer_setting {-2: 1, -1: n}: every group of isomorphic vector subgraphs is
+    # merged n to a task (pypto's "breadth" graph merge).
+    opts = {**rt.jit_options(),
+            "pass_options": {"vec_nbuffer_setting": {-2: 1, -1: POST_TILES_PER_TASK}}}
 
-    @pypto.frontend.jit(**rt.jit_options())
-    def hc_post_k(f: pypto.Tensor((t, d), pypto.DT_BF16),
-                  x: pypto.Tensor((t, hc * d), pypto.DT_BF16),
-                  post: pypto.Tensor((t, hc), pypto.DT_FP32),
-                  comb: pypto.Tensor((t, hc * hc), pypto.DT_FP32),
-                  out: pypto.Tensor((t, hc * d), pypto.DT_BF16)):
-        """out[:, o] = bf16(post_o · f + Σ_i comb[i, o] · x_i), i in order."""
-        pypto.set_vec_tile_shapes(tt, ct)
+    @pypto.frontend.jit(**opts)
+    def hc_post_k(f: pypto.Tensor((t, 1, d), pypto.DT_BF16),
+                  x: pypto.Tensor((t, hc, d), pypto.DT_BF16),
+                  post: pypto.Tensor((t, hc, 1), pypto.DT_FP32),
+                  comb: pypto.Tensor((t, hc, hc), pypto.DT_FP32),
+                  out: pypto.Tensor((t, hc, d), pypto.DT_BF16)):
+        """out[:, o] = bf16(post_o · f + Σ_i comb[i, o] · x_i), i in order.
+
+        3-D tiles [tokens, hc, columns]: one load of all hc streams and one [tokens, hc, 1]
+        load of comb[:, :, o] per output stream (the products comb[i, o]·x_i for all i in
+        one broadcast mul), instead of one [tokens, 1] load per (i, o) pair: per-DMA cost,
+        not bytes, dominates these tasks in the cost model. Sums stay in the reference's
+        order (post·f first, then i = 0..hc-1), so the result is bit-exact."""
+        pypto.set_vec_tile_shapes(tt, hc, ct)
         ff = pypto.cast(f, pypto.DT_FP32)
-        xs = []  # (no comprehensions: pypto evaluates kernel expressions without closures)
-        for i in range(hc):
-            xs.append(pypto.cast(pypto.view(x, [t, d], [0, i * d]), pypto.DT_FP32))
+        xf = pypto.cast(x, pypto.DT_FP32)
         for o in range(hc):
-            acc = pypto.mul(pypto.view(post, [t, 1], [0, o]), ff)
+            prod = pypto.mul(pypto.view(comb, [t, hc, 1], [0, 0, o]), xf)   # comb[i,o]·x_i
+            acc = pypto.mul(pypto.view(post, [t, 1, 1], [0, o, 0]), ff)
             for i in range(hc):
-                acc = pypto.add(acc, pypto.mul(pypto.view(comb, [t, 1], [0, i * hc + o]), xs[i]))
+                acc = pypto.add(acc, pypto.view(prod, [t, 1, d], [0, i, 0]))
             pypto.assemble(pypto.cast(acc, pypto.DT_BF16, pypto.CastMode.CAST_RINT),
-                           [0, o * d], out)
+                           [0, o, 0], out)
 
     return hc_post_k
 
@@ -169,10 +210,10 @@ def hc_post(ffn_out: torch.Tensor, x_hc: torch.Tensor, post: torch.Tensor,
     if tuple(ffn_out.shape) != (b, s, d):
         raise ValueError(f"ffn_out must be [{b},{s},{d}], got {tuple(ffn_out.shape)}")
     t = b * s
-    out = torch.empty(t, hc * d, dtype=torch.bfloat16)
-    lat = rt.launch(_hc_post_kernel(t, hc, d), ffn_out.reshape(t, d).contiguous(),
-                    x_hc.reshape(t, hc * d).contiguous(),
-                    post.to(torch.float32).reshape(t, hc).contiguous(),
-                    comb.to(torch.float32).reshape(t, hc * hc).contiguous(), out,
+    out = torch.empty(t, hc, d, dtype=torch.bfloat16)
+    lat = rt.launch(_hc_post_kernel(t, hc, d), ffn_out.reshape(t, 1, d).contiguous(),
+                    x_hc.reshape(t, hc, d).contiguous(),
+                    post.to(torch.float32).reshape(t, hc, 1).contiguous(),
+                    comb.to(torch.float32).reshape(t, hc, hc).contiguous(), out,
                     name="hc_post")
     return out.reshape(b, s, hc, d), lat

@@ -11,6 +11,13 @@ roofline_us = max(bytes / BW, int8_flops / P_int8 + fp_flops / P_bf16): calibrat
 (moe_kernels.pto.calibrate, what the cost model sustains) and configured ones (pypto's
 lib/configs/A2A3.ini, see `configured_limits`). FP32 matmuls (hc_pre, gate) are counted at
 the BF16 peak: they are tiny and memory-bound.
+
+vec_ops / vec_roof_us (a separate, extra bound; roofline_us above is unchanged): the
+elementwise vector instructions the stage's math needs, one op per element per instruction
+(casts, mul/add, each reduction input, sigmoid as 3: exp, add, divide), at the calibrated
+FP32 vector throughput (moe_kernels.pto.calibrate.vector_calibration). On this model it
+exceeds the memory time for hc_pre, gate and hc_post; `bound_ratio` = sim_us / max(roofline_us,
+vec_roof_us).
 """
 from __future__ import annotations
 
@@ -51,6 +58,14 @@ class StageRecord:
     n_tasks: int = 0
     utilization: float = 0.0
     trace_path: str = ""
+    vec_ops: int = 0            # elementwise vector ops the math needs (see module doc)
+    vec_roof_us: float = 0.0    # vec_ops at the calibrated vector throughput
+
+    @property
+    def bound_ratio(self) -> float:
+        """sim_us / max(roofline_us, vec_roof_us): against memory, matmul and vector bounds."""
+        b = max(self.roofline_us, self.vec_roof_us)
+        return self.sim_us / b if b else math.inf
 
     @property
     def ratio(self) -> float:
@@ -65,6 +80,7 @@ class StageRecord:
         d = {k: v for k, v in asdict(self).items()}
         d["ratio"] = self.ratio
         d["config_ratio"] = self.config_ratio
+        d["bound_ratio"] = self.bound_ratio
         return d
 
 
@@ -95,6 +111,12 @@ def calibrated_limits() -> Limits:
     c = calibration()
     return Limits(c.hbm_bytes_per_s, c.int8_ops_per_s, c.bf16_flops_per_s,
                   source="calibrated SIM (moe_kernels.pto.calibrate)")
+
+
+def calibrated_vector_ops_per_s() -> float:
+    """Sustained FP32 elementwise vector ops/s of the SIM model (48 AIV), calibrated."""
+    from .calibrate import vector_calibration
+    return vector_calibration().vec_ops_per_s
 
 
 def roofline_us(nbytes: float, int8_flops: float, fp_flops: float, lim: Limits) -> float:
@@ -179,6 +201,32 @@ def _stage_cases(run: RunConfig, seed: int) -> list[tuple[str, Callable, int, in
     ]
 
 
+def vector_ops(run: RunConfig) -> dict[str, int]:
+    """Elementwise vector ops per stage at the per-rank shapes of `run` (see module doc)."""
+    cfg = run.model
+    t, d, i, hcm = run.tokens, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hc_mult
+    k, nl = cfg.num_experts_per_tok, run.n_local
+    c = -(-t * k // nl)
+    hd = hcm * d
+    sig = 3                                    # sigmoid: exp, add, divide
+    q8 = 6                                     # abs, amax, scale mul, 3 casts
+    swiglu = 2 * 3 + sig + 2 + q8              # g, u: cast + 2 muls; silu·u; Q8(h)
+    return {
+        # RMS: cast, square, sum over hc·D; x_mixed: per stream cast, mul, add; out cast;
+        # Sinkhorn: per iteration two normalisations of (sum, add eps, divide).
+        "hc_pre": 3 * t * hd + t * d * 3 * hcm + t * hcm * hcm * 6 * cfg.hc_sinkhorn_iters,
+        # RMS (cast, square, sum, 2 muls), bf16 + fp32 casts, Q8 of x_norm.
+        "gate": t * d * (5 + 2 + q8),
+        "expert_shared": t * i * swiglu + t * d * 4,          # y: cast, 2 muls, cast
+        "pack_routes": 0,
+        "expert_routed": nl * c * i * swiglu + nl * c * d * 5,  # y: also · routing weight
+        "scatter_routes": 0,
+        "reduce_routes": t * d * (2 * k + 2),                 # K+1 casts, K adds, 1 cast
+        # casts of f and the hc streams; per output stream: mul, hc (mul, add), cast.
+        "hc_post": t * d * (1 + hcm) + t * hcm * d * (2 * hcm + 2),
+    }
+
+
 STAGES: tuple[str, ...] = ("hc_pre", "gate", "expert_shared", "pack_routes", "expert_routed",
                            "scatter_routes", "reduce_routes", "hc_post")
 
@@ -194,6 +242,8 @@ def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None =
     if unknown:
         raise ValueError(f"stages must be a subset of {list(STAGES)}, got {sorted(unknown)}")
     cal, conf = calibrated_limits(), configured_limits()
+    vec_rate = calibrated_vector_ops_per_s()
+    vops = vector_ops(run)
     out = []
     for name, thunk, nbytes, i8f, fpf in _stage_cases(run, seed):
         if name not in wanted:
@@ -205,28 +255,34 @@ def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None =
             stage=name, sim_us=lat.aicore_us, bytes=int(nbytes), flops=int(i8f + fpf),
             roofline_us=roofline_us(nbytes, i8f, fpf, cal),
             config_roofline_us=roofline_us(nbytes, i8f, fpf, conf), int8_flops=int(i8f),
-            n_tasks=lat.n_tasks, utilization=lat.utilization, trace_path=lat.trace_path))
+            n_tasks=lat.n_tasks, utilization=lat.utilization, trace_path=lat.trace_path,
+            vec_ops=int(vops[name]), vec_roof_us=vops[name] / vec_rate * 1e6))
     return out
 
 
 def format_stage_table(records: list[StageRecord]) -> str:
     """A fixed-width table: one row per stage plus the total, both rooflines and ratios."""
     hdr = (f"{'stage':<15}{'sim_us':>10}{'MB':>9}{'GFLOP':>9}{'roof_us':>10}{'ratio':>7}"
-           f"{'cfg_roof':>10}{'cfg_ratio':>10}{'tasks':>7}")
+           f"{'cfg_roof':>10}{'cfg_ratio':>10}{'vec_roof':>10}{'bnd_ratio':>10}{'tasks':>7}")
     lines = [hdr, "-" * len(hdr)]
     for r in records:
         lines.append(f"{r.stage:<15}{r.sim_us:>10.2f}{r.bytes / 1e6:>9.2f}{r.flops / 1e9:>9.3f}"
                      f"{r.roofline_us:>10.2f}{r.ratio:>7.2f}{r.config_roofline_us:>10.2f}"
-                     f"{r.config_ratio:>10.2f}{r.n_tasks:>7}")
+                     f"{r.config_ratio:>10.2f}{r.vec_roof_us:>10.2f}{r.bound_ratio:>10.2f}"
+                     f"{r.n_tasks:>7}")
     sim = sum(r.sim_us for r in records)
     roof = sum(r.roofline_us for r in records)
     croof = sum(r.config_roofline_us for r in records)
+    bound = sum(max(r.roofline_us, r.vec_roof_us) for r in records)
     lines.append("-" * len(hdr))
     lines.append(f"{'total':<15}{sim:>10.2f}{sum(r.bytes for r in records) / 1e6:>9.2f}"
                  f"{sum(r.flops for r in records) / 1e9:>9.3f}{roof:>10.2f}"
                  f"{(sim / roof if roof else math.inf):>7.2f}{croof:>10.2f}"
-                 f"{(sim / croof if croof else math.inf):>10.2f}")
+                 f"{(sim / croof if croof else math.inf):>10.2f}"
+                 f"{sum(r.vec_roof_us for r in records):>10.2f}"
+                 f"{(sim / bound if bound else math.inf):>10.2f}")
     lines.append(f"SIM: pypto {rt.SUPPORTED_PYPTO_VERSION} cost model (910B / A2A3), "
                  f"AICore end-to-end at {rt.CLOCK_MHZ:.0f} MHz. roof = calibrated limits, "
-                 f"cfg_roof = A2A3.ini limits.")
+                 f"cfg_roof = A2A3.ini limits; vec_roof = vector ops at the calibrated FP32 "
+                 f"vector rate (extra bound, not in roof); bnd_ratio = sim / max(roof, vec_roof).")
     return "\n".join(lines)
