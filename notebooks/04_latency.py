@@ -40,7 +40,7 @@
 
 # %%
 # Only the light validation imports happen before the parameters, so bad values fail fast.
-from moe_kernels.analysis.extra_params import validate_flag, validate_side_run
+from moe_kernels.analysis.extra_params import validate_choice, validate_flag, validate_side_run
 from moe_kernels.analysis.latency import validate_latency_options
 from moe_kernels.analysis.params import validate_params
 
@@ -66,6 +66,7 @@ dispatch_latency_us = None  # us per message in dispatch, None: 0.875 (DeepEP-As
 combine_gbps = None         # link GB/s for combine, None: 116 (DeepEP-Ascend EP8)
 combine_latency_us = None   # us per message in combine, None: 1.04 (DeepEP-Ascend EP8-32)
 messages = "peer"           # peer: one message per (src, dst) pair | route: one per route
+roofline_shape = "sim"      # sim: rooflines at the SIM shape only | model: also at preset/batch
 
 # %%
 p = validate_params(preset=preset, ranks=ranks, batch=batch, seq=seq, routing=routing,
@@ -81,6 +82,7 @@ opt = validate_latency_options(
     dispatch_latency_us=dispatch_latency_us, combine_gbps=combine_gbps,
     combine_latency_us=combine_latency_us, messages=messages)
 tight_whatif = validate_flag("tight_whatif", tight_whatif)
+roofline_shape = validate_choice("roofline_shape", roofline_shape, ("sim", "model"))
 cfg, run = p.model, p.run
 scfg, srun = ps.model, ps.run
 R, NL, K, T = run.ranks, run.n_local, cfg.num_experts_per_tok, run.tokens
@@ -114,7 +116,8 @@ from moe_kernels.pto.report import format_stage_table, stage_report
 
 out = FigureWriter(p.figures_dir, "04_latency",
                    {**p.as_dict(), "pypto_preset": scfg.name, "pypto_batch": srun.batch,
-                    "tight_whatif": tight_whatif, **opt.as_dict()})
+                    "tight_whatif": tight_whatif, "roofline_shape": roofline_shape,
+                    **opt.as_dict()})
 SIM, MODEL = lat.SIM_SOURCE, lat.MODEL_SOURCE
 SHAPE = f"{scfg.name}, {srun.ranks} ranks, T={srun.tokens}/rank, C={srun.recv_max}"
 started = time.perf_counter()
@@ -215,6 +218,20 @@ title = (f"SIM latency vs roofline per stage, {SIM} ({scfg.name}, T={srun.tokens
          f"NL={srun.n_local}, mean load per expert)")
 fig = lp.plot_roofline(records, title)
 out.show(fig, "04_sim_vs_roofline.png", title)
+
+# %% [markdown]
+# With `roofline_shape = "model"` the same report runs at the model's own shape (the
+# batch run: demo, 2 ranks, batch 64, seq 2, the seed's decode step), which is what
+# `python -m moe_kernels stages` prints. It takes about a minute and a half here.
+
+# %%
+if roofline_shape == "model":
+    model_records = stage_report(run, seed)
+    print(format_stage_table(model_records))
+    title = (f"SIM latency vs roofline per stage, {SIM} ({cfg.name}, T={run.tokens}/rank, "
+             f"NL={run.n_local}, mean load per expert)")
+    fig = lp.plot_roofline(model_records, title)
+    out.show(fig, "04_sim_vs_roofline_model_shape.png", title)
 
 # %% [markdown]
 # ## 4. Latency vs tokens and vs ranks

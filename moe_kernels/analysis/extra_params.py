@@ -23,6 +23,13 @@ def validate_factor(name: str, value: Any) -> float:
     return float(value)
 
 
+def validate_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """`value` if it is one of `allowed`, else ParameterError naming `name` and them."""
+    if value not in allowed:
+        raise ParameterError(name, value, " | ".join(allowed))
+    return value
+
+
 def validate_side_run(prefix: str, **kwargs: Any) -> NotebookParams:
     """`validate_params(**kwargs)` for a notebook's secondary run (e.g. the small pypto
     comparison); a ParameterError names the parameter with `prefix` ('pypto_preset')."""

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import fcntl
 import json
+import logging
 import os
 import shutil
 import sys
@@ -261,7 +262,11 @@ def ensure_ready() -> ModuleType:
                           "the quiet simulator config may not apply", RuntimeWarning, 2)
         os.environ["TILEFWK_CONFIG_PATH"] = str(cfg)
         os.environ["TILE_FWK_OUTPUT_DIR"] = str(output_root())
+        root_level = logging.getLogger().level
         import pypto
+        # importing pypto lowers the root logger to DEBUG, flooding notebooks with every
+        # library's debug lines; restore what the caller had
+        logging.getLogger().setLevel(root_level)
         if run_mode_name() == "SIM":
             load_calculator()
         patch_verify_inputs()
@@ -335,18 +340,46 @@ def parse_swim(folder: Path, kernel: str = "", clock_mhz: float = CLOCK_MHZ) -> 
         trace_path=str(trace if trace.exists() else swim_path), output_dir=str(folder))
 
 
+def _output_pid(folder: Path) -> int | None:
+    """The pid in pypto's folder name output_<date>_<time>_<us>_<pid>_<ip>, if any."""
+    parts = folder.name.split("_")
+    return int(parts[4]) if len(parts) >= 6 and parts[4].isdigit() else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def clean_outputs(keep: int = KEEP_OUTPUT_DIRS) -> int:
-    """Delete all but the newest `keep` output_* folders of the cache; returns how many went."""
+    """Bound the cache's output_* folders; returns how many were deleted.
+
+    Keeps the newest `keep` folders of this process and deletes folders of processes that
+    have ended. Folders of other live processes are left alone: a concurrent kernel call
+    (another notebook, a test worker) may still be reading its swim.json.
+    """
     root = output_root()
     if not root.exists():
         return 0
-    dirs = sorted((p for p in root.glob("output_*") if p.is_dir()),
-                  key=lambda p: p.stat().st_mtime)
-    removed = 0
-    for p in dirs[:max(0, len(dirs) - keep)]:
+    mine, dead = [], []
+    for p in root.glob("output_*"):
+        if not p.is_dir():
+            continue
+        pid = _output_pid(p)
+        if pid == os.getpid():
+            mine.append(p)
+        elif pid is None or not _pid_alive(pid):
+            dead.append(p)
+    mine.sort(key=lambda p: p.stat().st_mtime)
+    doomed = dead + mine[:max(0, len(mine) - keep)]
+    for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
-        removed += 1
-    return removed
+    return len(doomed)
 
 
 def launch(kernel: Callable[..., None], *tensors: torch.Tensor, name: str = ""
