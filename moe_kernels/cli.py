@@ -204,9 +204,15 @@ COMMANDS = {"layer": cmd_layer, "stages": cmd_stages, "sweep": cmd_sweep,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected failures print one line and exit non-zero: bad input
+    (a configuration or capacity overflow) exits 2, a peer that timed out exits 1."""
+    from .ep.layout import CapacityOverflowError
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, CapacityOverflowError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TimeoutError as exc:  # a peer that never arrived (local windows or gloo)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

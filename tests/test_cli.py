@@ -43,3 +43,11 @@ def test_bad_preset_and_ranks_are_reported(capsys):
 
 def test_parse_sweep_values():
     assert parse_sweep_values([["skew", "0, 0.5,1"]]) == {"skew": ["0", "0.5", "1"]}
+
+
+def test_capacity_overflow_is_one_line_naming_rank_expert_count(capsys):
+    assert main(["layer", "--preset", "tiny", "--ranks", "2", "--batch", "8",
+                 "--capacity", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: receive capacity overflow: rank ")
+    assert "count=" in err and "capacity=1" in err and "Traceback" not in err
