@@ -29,17 +29,35 @@ FFN_CUBE_M = 128
 #: Measured at demo (expert_shared, T=128): 16x512 138 us, 4x1024 126, 4x4096 108,
 #: 2x4096 132; 8x4096 does not fit UB (compile error).
 ROW_TILE, COL_TILE = 4, 4096
-#: N tile of the shared expert's w2 matmul (w1/w3 keep FFN_CUBE_N): each cube task reloads
-#: the whole [T, I] INT8 activation (512 KiB at demo) next to its weight panel, so wider
-#: panels move fewer bytes: 256 -> 16 tasks of 18 us instead of 32 of 13.8 us in two waves
-#: on 24 cube cores (expert_shared 107.9 -> 98.1 us; N 64 / 32 were slower: 156 / 221 us).
-SHARED_W2_N = 256
+#: N tile of the shared expert's w2 matmul: each cube task reloads the whole [T, I] INT8
+#: activation (512 KiB at demo) next to its weight panel, so wider panels move fewer bytes:
+#: 256 -> 16 tasks of 18 us instead of 32 of 13.8 us in two waves on 24 cube cores
+#: (expert_shared 107.9 -> 98.1 us; N 64 / 32 were slower: 156 / 221 us). The cube is
+#: compute-bound per task in the model, so the best N fills all 24 cube cores in one wave:
+#: 192 -> 22 tasks of 15.9 us (21 full + one 64-wide tail): 98.1 -> 95.4 us. (N 176, the
+#: 24-task fit, fails to compile: FC4001; 192 is the next 32-aligned width.)
+SHARED_W2_N = 192
+#: N tile of the shared expert's w1/w3 matmuls (the routed experts keep FFN_CUBE_N): the
+#: model pairs tiles that share the activation (L1 reuse) into ~22 tasks either way; at 128
+#: that is 3 tiles (29.2 us) per task, at 192 2 tiles (28.2 us): 95.4 -> 93.8 us. (224: 17
+#: tasks of 30.0 us, 94.5; cube_nbuffer_setting {-1: 1} changed nothing; a merge scope
+#: around the SwiGLU/Q8 vector ops fails to compile (FFFFFF), and the Q8's FP16 -> INT8
+#: cast stays its own 1.35 us task even with a direct INT32 -> INT8 cast: 96.5 us.)
+SHARED_W13_N = 192
+#: Row tile of the shared expert's SwiGLU/Q8 vector phase (the w2 dequant keeps ROW_TILE):
+#: at 4 rows the model split the Q8's FP16 -> INT8 cast into its own phase (32 tasks of
+#: 1.35 us plus a dependency gap, the FP16 h written to GM and read back); at 2 rows it
+#: stays in the SwiGLU task: 64 tasks of 5.6 us in one phase, 93.8 -> 92.1 us. (2 rows for
+#: the whole kernel: the w1/w3 tasks regrouped to 13 x 42 us, 112.8; 2 rows with 2 tiles
+#: per vector task (vec_nbuffer_setting): the w1/w3 tasks split to 44 x 15.9 us, 93.5.)
+SHARED_H_ROW_TILE = 2
 
 
 def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
                  w2_tiles=None):
     """The FFN of one weight set over rows x [M, D] INT8 (xs [M, 1]); returns FP32 y [M, D].
-    w2_tiles: (m, k_dims, n) arguments of _cube_tiles for the w2 matmul, if it differs."""
+    w2_tiles: (m, k_dims, n[, (rows, cols)]) arguments of _cube_tiles for the w2 matmul, if
+    it differs, and optionally the vector tile shape from the w2 matmul on."""
     g = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w1, pypto.DT_INT32, b_trans=True),
                                        pypto.DT_FP32), xs), s1)
     u = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w3, pypto.DT_INT32, b_trans=True),
@@ -50,7 +68,9 @@ def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
     h = pypto.mul(pypto.mul(g, pypto.sigmoid(g)), u)
     h_i8, hs = quantize_rows_q8(pypto, h)
     if w2_tiles is not None:
-        _cube_tiles(pypto, *w2_tiles)
+        _cube_tiles(pypto, *w2_tiles[:3])
+        if len(w2_tiles) > 3:
+            pypto.set_vec_tile_shapes(*w2_tiles[3])
     y = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(h_i8, w2, pypto.DT_INT32, b_trans=True),
                                        pypto.DT_FP32), hs), s2)
     if row_w is not None:
@@ -69,6 +89,7 @@ def _cube_tiles(pypto, m: int, k_dims: tuple[int, ...], n: int = FFN_CUBE_N) -> 
 def _shared_kernel(t: int, d: int, i: int, limit: float):
     pypto = rt.ensure_ready()
     rt_ = _tile(t, ROW_TILE)
+    rt_h = _tile(t, SHARED_H_ROW_TILE)
     ct = _tile(min(d, i), COL_TILE)
     swiglu = _swiglu_rows
     tiles = _cube_tiles
@@ -85,10 +106,10 @@ def _shared_kernel(t: int, d: int, i: int, limit: float):
                         s2: pypto.Tensor((1, d), pypto.DT_FP32),
                         sh: pypto.Tensor((t, d), pypto.DT_BF16)):
         """sh = bf16(SwiGLU-W8A8(x))."""
-        pypto.set_vec_tile_shapes(rt_, ct)
-        tiles(pypto, t, (d, i))
+        pypto.set_vec_tile_shapes(rt_h, ct)
+        tiles(pypto, t, (d, i), SHARED_W13_N)
         y = swiglu(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit,
-                   w2_tiles=(t, (d, i), w2_n))
+                   w2_tiles=(t, (d, i), w2_n, (rt_, ct)))
         sh[:] = pypto.cast(y, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
 
     return expert_shared_k
