@@ -53,8 +53,8 @@ def quantized_weight(seed: int, name: str, n_out: int, k_in: int
 
 
 @dataclass(frozen=True)
-class Weights:
-    """Every weight of one MoE layer; routed weights carry a leading global expert axis."""
+class GateWeights:
+    """The hc_pre and gate weights of one layer: all that routing needs."""
 
     hc_fn: torch.Tensor           # [mix_hc, hc·D] FP32
     hc_scale: torch.Tensor        # [3] FP32
@@ -63,6 +63,15 @@ class Weights:
     gate_w: torch.Tensor          # [E, D] FP32
     gate_bias: torch.Tensor       # [E] FP32
     tid2eid: torch.Tensor         # [V, K] INT32, K distinct experts per row
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Weights(GateWeights):
+    """Every weight of one MoE layer; routed weights carry a leading global expert axis."""
+
     shared_w1: torch.Tensor       # [I, D] INT8
     shared_w1_scale: torch.Tensor  # [I] FP32
     shared_w3: torch.Tensor
@@ -75,9 +84,6 @@ class Weights:
     routed_w3_scale: torch.Tensor
     routed_w2: torch.Tensor       # [E, D, I] INT8
     routed_w2_scale: torch.Tensor  # [E, D] FP32
-
-    def to_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> Weights:
@@ -105,7 +111,7 @@ def make_tid2eid(seed: int, vocab: int, n_experts: int, k: int) -> torch.Tensor:
     return torch.argsort(keys, dim=1)[:, :k].to(torch.int32)
 
 
-def make_gate_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_gate_weights(cfg: ModelConfig, seed: int = 0) -> GateWeights:
     """The hc_pre and gate weights alone (hc_fn, hc_scale, hc_base, norm_w, gate_w,
     gate_bias, tid2eid): what routing needs, without building any expert."""
     d, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -114,15 +120,14 @@ def make_gate_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
     else:  # no published base for this hc_mult: same mean and spread, seeded
         ref = torch.tensor(HC_FFN_BASE)
         base = ref.mean() + ref.std() * _randn(seed, "hc_base", cfg.mix_hc)
-    return {
-        "hc_fn": _randn(seed, "hc_fn", cfg.mix_hc, cfg.hc_dim) * HC_FN_STD,
-        "hc_scale": torch.tensor(HC_FFN_SCALE, dtype=torch.float32),
-        "hc_base": base.to(torch.float32),
-        "norm_w": torch.ones(d, dtype=torch.float32),
-        "gate_w": _randn(seed, "gate_w", e, d) / math.sqrt(d),
-        "gate_bias": _randn(seed, "gate_bias", e) * GATE_BIAS_STD,
-        "tid2eid": make_tid2eid(seed, cfg.vocab_size, e, k),
-    }
+    return GateWeights(
+        hc_fn=_randn(seed, "hc_fn", cfg.mix_hc, cfg.hc_dim) * HC_FN_STD,
+        hc_scale=torch.tensor(HC_FFN_SCALE, dtype=torch.float32),
+        hc_base=base.to(torch.float32),
+        norm_w=torch.ones(d, dtype=torch.float32),
+        gate_w=_randn(seed, "gate_w", e, d) / math.sqrt(d),
+        gate_bias=_randn(seed, "gate_bias", e) * GATE_BIAS_STD,
+        tid2eid=make_tid2eid(seed, cfg.vocab_size, e, k))
 
 
 def make_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
@@ -144,7 +149,7 @@ def make_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
     sw3, sw3s = quantized_weight(seed, "shared_w3", i_dim, d)
     sw2, sw2s = quantized_weight(seed, "shared_w2", d, i_dim)
     return Weights(
-        **make_gate_weights(cfg, seed),
+        **make_gate_weights(cfg, seed).to_dict(),
         shared_w1=sw1, shared_w1_scale=sw1s, shared_w3=sw3, shared_w3_scale=sw3s,
         shared_w2=sw2, shared_w2_scale=sw2s,
         **{f"routed_{n}": torch.stack(v) for n, v in routed.items()})

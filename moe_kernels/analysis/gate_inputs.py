@@ -11,27 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig, RunConfig
-from ..fixtures import make_gate_weights, make_inputs
+from ..fixtures import GateWeights, make_gate_weights, make_inputs
 from ..reference.gate import gate, gate_scores
 from ..reference.hc_pre import hc_pre
 
 
-@dataclass(frozen=True)
-class GateWeights:
-    """The hc_pre and gate weights of one layer (the fields of fixtures.Weights)."""
-
-    hc_fn: torch.Tensor      # [mix_hc, hc·D] FP32
-    hc_scale: torch.Tensor   # [3] FP32
-    hc_base: torch.Tensor    # [mix_hc] FP32
-    norm_w: torch.Tensor     # [D] FP32
-    gate_w: torch.Tensor     # [E, D] FP32
-    gate_bias: torch.Tensor  # [E] FP32
-    tid2eid: torch.Tensor    # [V, K] INT32
-
-
 def gate_weights(cfg: ModelConfig, seed: int = 0) -> GateWeights:
     """hc_pre + gate weights identical to `make_weights(cfg, seed)`'s, built cheaply."""
-    return GateWeights(**make_gate_weights(cfg, seed))
+    return make_gate_weights(cfg, seed)
 
 
 @dataclass(frozen=True)
