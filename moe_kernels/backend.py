@@ -6,7 +6,7 @@ Every method has the signature and dtypes of the torch reference it names.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 
@@ -17,17 +17,9 @@ from .reference import expert_shared as _es
 from .reference import gate as _gate
 from .reference import hc_post as _hp
 from .reference import hc_pre as _hpre
+from .types import ExpertWeights, GateOut, PackedRoutes
 
 BACKENDS: tuple[str, ...] = ("torch", "pypto")
-
-
-class PackedRoutes(NamedTuple):
-    """The four dispatch channels for a list of routes, in the order given."""
-
-    x: torch.Tensor       # [N, D] INT8: x_norm_i8 of each route's token
-    scale: torch.Tensor   # [N] FP32: x_norm_scale of each route's token
-    weight: torch.Tensor  # [N] FP32: routing weight of the route
-    route: torch.Tensor   # [N] INT32: route id t·K + k on the sender
 
 
 class StageBackend(Protocol):
@@ -39,18 +31,14 @@ class StageBackend(Protocol):
 
     def gate(self, x_mixed: torch.Tensor, norm_w: torch.Tensor, gate_w: torch.Tensor,
              gate_bias: torch.Tensor, tid2eid: torch.Tensor, input_ids: torch.Tensor,
-             cfg: ModelConfig, routing: Routing) -> _gate.GateOut: ...
+             cfg: ModelConfig, routing: Routing) -> GateOut: ...
 
     def expert_shared(self, x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
-                      w1: torch.Tensor, w1_scale: torch.Tensor, w3: torch.Tensor,
-                      w3_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      swiglu_limit: float) -> torch.Tensor: ...
+                      w: ExpertWeights, swiglu_limit: float) -> torch.Tensor: ...
 
     def expert_routed(self, recv_x: torch.Tensor, recv_scale: torch.Tensor,
                       recv_w: torch.Tensor, recv_count: torch.Tensor,
-                      w1: torch.Tensor, w1_scale: torch.Tensor, w3: torch.Tensor,
-                      w3_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      swiglu_limit: float) -> torch.Tensor: ...
+                      w: ExpertWeights, swiglu_limit: float) -> torch.Tensor: ...
 
     def pack_routes(self, x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
                     weights: torch.Tensor, route_ids: torch.Tensor) -> PackedRoutes: ...

@@ -20,6 +20,7 @@ from .backend import BACKENDS, get_backend
 from .config import PRESETS, ConfigError, RunConfig, get_preset
 from .fixtures import make_inputs, make_weights
 from .layer import LayerResult, reference_layer
+from .types import CapacityError
 
 TRANSPORTS: tuple[str, ...] = ("local", "gloo")
 OVERFLOW_MODES: tuple[str, ...] = ("error", "drop")
@@ -206,11 +207,10 @@ COMMANDS = {"layer": cmd_layer, "stages": cmd_stages, "sweep": cmd_sweep,
 def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures print one line and exit non-zero: bad input
     (a configuration or capacity overflow) exits 2, a peer that timed out exits 1."""
-    from .ep.layout import CapacityOverflowError
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CapacityOverflowError) as exc:
+    except (ConfigError, CapacityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TimeoutError as exc:  # a peer that never arrived (local windows or gloo)

@@ -15,6 +15,7 @@ import torch
 
 from .config import ModelConfig, RunConfig
 from .numerics import quantize_rows_int8
+from .types import ExpertWeights
 
 #: Real layer-0 hc_ffn gate constants of DeepSeek-V4-Flash (spec §5.1, commit 60d25e5f:
 #: "scale=0.5/base=0 leaves hc_pre post≈1 + near-uniform comb"), as published in
@@ -89,11 +90,15 @@ class Weights(GateWeights):
     def from_dict(cls, d: dict[str, torch.Tensor]) -> Weights:
         return cls(**{f.name: d[f.name] for f in fields(cls)})
 
-    def routed_shard(self, rank: int, n_local: int) -> dict[str, torch.Tensor]:
+    @property
+    def shared(self) -> ExpertWeights:
+        """The shared expert's FFN weights."""
+        return ExpertWeights(*(getattr(self, f"shared_{n}") for n in ExpertWeights._fields))
+
+    def routed_shard(self, rank: int, n_local: int) -> ExpertWeights:
         """The routed weights of rank `rank`'s experts [rank·NL, (rank+1)·NL)."""
         sl = slice(rank * n_local, (rank + 1) * n_local)
-        return {n: getattr(self, f"routed_{n}")[sl] for n in
-                ("w1", "w1_scale", "w3", "w3_scale", "w2", "w2_scale")}
+        return ExpertWeights(*(getattr(self, f"routed_{n}")[sl] for n in ExpertWeights._fields))
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,8 @@ def front_stages(run: RunConfig, x_hc: torch.Tensor, input_ids: torch.Tensor,
                                          weights.hc_base, cfg)
     g = backend.gate(x_mixed, weights.norm_w, weights.gate_w, weights.gate_bias,
                      weights.tid2eid, input_ids, cfg, run.routing)
-    sh = backend.expert_shared(g.x_norm_i8, g.x_norm_scale, weights.shared_w1,
-                               weights.shared_w1_scale, weights.shared_w3,
-                               weights.shared_w3_scale, weights.shared_w2,
-                               weights.shared_w2_scale, cfg.swiglu_limit)
+    sh = backend.expert_shared(g.x_norm_i8, g.x_norm_scale, weights.shared,
+                               cfg.swiglu_limit)
     return {"x_mixed": x_mixed, "post": post, "comb": comb, **g._asdict(), "sh": sh}
 
 
@@ -58,9 +56,7 @@ def run_rank_single_card(run: RunConfig, x_hc: torch.Tensor, input_ids: torch.Te
     recv = dispatch_single(st["indices"], st["x_norm_i8"], st["x_norm_scale"],
                            st["weights"], n_local=cfg.n_routed_experts)
     recv_y = backend.expert_routed(recv.x, recv.scale, recv.weight, recv.count,
-                                   weights.routed_w1, weights.routed_w1_scale,
-                                   weights.routed_w3, weights.routed_w3_scale,
-                                   weights.routed_w2, weights.routed_w2_scale,
+                                   weights.routed_shard(0, cfg.n_routed_experts),
                                    cfg.swiglu_limit)
     n = recv.count.tolist()
     rows = torch.cat([recv_y[e, :c] for e, c in enumerate(n)])

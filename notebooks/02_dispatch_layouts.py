@@ -210,7 +210,7 @@ out.show(fig, "02_capacity_headroom.png")
 # The spec's kernels never check the capacity on device (§3.8): an over-full expert would
 # write past its window. Our layout checks it. Here the same routing is laid out again with
 # a reduced capacity, `overflow_capacity_factor` × the mean load. In the default mode,
-# `overflow="error"`, the layout raises `CapacityOverflowError` naming the rank, the expert
+# `overflow="error"`, the layout raises `CapacityError` naming the rank, the expert
 # and the counts. With `overflow="drop"`, the routes beyond capacity (the last ones in
 # src-major, scan order) get slot −1, are counted per expert and contribute zero to their
 # token's output.

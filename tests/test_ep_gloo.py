@@ -13,7 +13,7 @@ import pytest
 from bitwise import assert_same_result, same_bytes
 
 from moe_kernels.config import RunConfig, get_preset
-from moe_kernels.ep import CapacityOverflowError, run_ep_layer
+from moe_kernels.ep import CapacityError, run_ep_layer
 from moe_kernels.ep.dist import DistTimeoutError, SpawnedWorld
 from moe_kernels.fixtures import make_inputs, make_weights
 from moe_kernels.layer import reference_layer
@@ -78,7 +78,7 @@ def test_gloo_drop_mode_equals_local(world, weights) -> None:
 
 def test_gloo_capacity_error_keeps_the_world(world, weights) -> None:
     run = tiny_run(2, recv_capacity=2)
-    with pytest.raises(CapacityOverflowError, match=r"rank \d.*count=\d+.*capacity=2"):
+    with pytest.raises(CapacityError, match=r"rank \d.*count=\d+.*capacity=2"):
         world.run_layer(run, make_inputs(run), weights)
     ok = tiny_run(2)
     world.run_layer(ok, make_inputs(ok), weights)  # still usable

@@ -7,11 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_kernels.backend import PackedRoutes
 from moe_kernels.ep.examples import worked_example
-from moe_kernels.ep.layout import CapacityOverflowError, compute_layout, plan_rank, send_histogram
+from moe_kernels.ep.layout import compute_layout, plan_rank, send_histogram
 from moe_kernels.ep.local import LocalTransport
 from moe_kernels.ep.windows import WindowShape
+from moe_kernels.types import CapacityError, PackedRoutes
 
 # spec §3.9: 2 ranks, 4 tokens, NL = 4 (8 global experts), top-2; the spec's tables live
 # once, in moe_kernels.ep.examples
@@ -72,7 +72,7 @@ def test_dump_and_bytes() -> None:
 
 
 def test_capacity_error_names_rank_expert_count_capacity() -> None:
-    with pytest.raises(CapacityOverflowError) as ei:
+    with pytest.raises(CapacityError) as ei:
         compute_layout(EXAMPLE, n_local=4, capacity=4)
     msg = str(ei.value)
     assert "rank 0" in msg and "local expert 1" in msg and "count=5" in msg \
@@ -121,7 +121,7 @@ def test_layout_properties(case: tuple[torch.Tensor, int, int]) -> None:
     table = torch.stack([send_histogram(idx[s], nl, r) for s in range(r)])
     total = table.sum(0)
     if bool((total > cap).any()):
-        with pytest.raises(CapacityOverflowError):
+        with pytest.raises(CapacityError):
             compute_layout(idx, nl, cap)
     lay = compute_layout(idx, nl, cap, overflow="drop")
     assert torch.equal(lay.dropped, torch.clamp(total - cap, min=0))

@@ -12,7 +12,7 @@ from bitwise import assert_same_result, same_bytes
 from moe_kernels.config import RunConfig, get_preset
 from moe_kernels.ep import (
     TRANSPORTS,
-    CapacityOverflowError,
+    CapacityError,
     LocalTransport,
     WindowTimeoutError,
     run_ep_layer,
@@ -104,7 +104,7 @@ def test_reused_windows_never_leak_between_steps(tiny_weights) -> None:
 def test_capacity_overflow_error_names_rank_expert_count_capacity(tiny_weights) -> None:
     run = tiny_run(2, recv_capacity=2)
     inputs = make_inputs(run)
-    with pytest.raises(CapacityOverflowError) as ei:
+    with pytest.raises(CapacityError) as ei:
         run_ep_layer(run, inputs, tiny_weights)
     msg = str(ei.value)
     for word in ("rank ", "local expert ", "count=", "capacity=2"):

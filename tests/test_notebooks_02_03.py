@@ -64,7 +64,7 @@ def test_dispatch_notebook_reproduces_the_worked_example(tmp_path):
             "'receive_buffers': True}") in text
     assert "  e1: s0 = (0, 0), s1 = (0, 4), s2 = (0, 7), s3 = (1, 1), s4 = (1, 7)" in text
     assert "slot 4 (= 3 + 1)" in text
-    assert "raises CapacityOverflowError: receive capacity overflow: rank 0 local " \
+    assert "raises CapacityError: receive capacity overflow: rank 0 local " \
            "expert 1" in text
     assert "drops 5 of 16 routes" in text
 

@@ -14,6 +14,7 @@ from moe_kernels.reference import gate as ref_gate
 from moe_kernels.reference import hc_post as ref_hp
 from moe_kernels.reference import hc_pre as ref_hpre
 from moe_kernels.reference.dispatch_combine import dispatch_single, reduce_routes
+from moe_kernels.types import ExpertWeights
 
 pytestmark = pytest.mark.pypto
 pto = pytest.importorskip("moe_kernels.pto.backend")
@@ -118,8 +119,8 @@ def test_expert_shared_bit_exact(tiny, size):
         ws = (_rand_i8("w1", i, d), torch.full((i,), 1e-3), _rand_i8("w3", i, d),
               torch.full((i,), 1e-3), _rand_i8("w2", d, i), torch.full((d,), 1e-3))
     xq, xs = quantize_rows_int8(torch.randn(t, d, generator=generator(5, "x")))
-    sh, lat = ffn.expert_shared(xq, xs, *ws, cfg.swiglu_limit)
-    assert torch.equal(sh, ref_es.expert_shared(xq, xs, *ws, cfg.swiglu_limit))
+    sh, lat = ffn.expert_shared(xq, xs, ExpertWeights(*ws), cfg.swiglu_limit)
+    assert torch.equal(sh, ref_es.expert_shared(xq, xs, ExpertWeights(*ws), cfg.swiglu_limit))
     assert lat.aicore_us > 0
 
 
@@ -144,8 +145,9 @@ def test_expert_routed_bit_exact_with_dirty_tail(tiny, size):
     rb.x[tail] = 77
     rb.scale[tail] = float("nan")
     rb.weight[tail] = 1e30
-    y, lat = ffn.expert_routed(rb.x, rb.scale, rb.weight, rb.count, *ws, cfg.swiglu_limit)
-    ref = ref_er.expert_routed(rb.x, rb.scale, rb.weight, rb.count, *ws, cfg.swiglu_limit)
+    ws = ExpertWeights(*ws)
+    y, lat = ffn.expert_routed(rb.x, rb.scale, rb.weight, rb.count, ws, cfg.swiglu_limit)
+    ref = ref_er.expert_routed(rb.x, rb.scale, rb.weight, rb.count, ws, cfg.swiglu_limit)
     assert torch.equal(y, ref)
     assert lat.aicore_us > 0
 
@@ -155,8 +157,7 @@ def test_expert_routed_rejects_bad_count(tiny):
     x = torch.zeros(1, 4, cfg.hidden_size, dtype=torch.int8)
     with pytest.raises(ValueError, match="recv_count"):
         ffn.expert_routed(x, torch.zeros(1, 4), torch.zeros(1, 4), torch.tensor([5]),
-                          w.routed_w1[:1], w.routed_w1_scale[:1], w.routed_w3[:1],
-                          w.routed_w3_scale[:1], w.routed_w2[:1], w.routed_w2_scale[:1], 0.0)
+                          w.routed_shard(0, 1), 0.0)
 
 
 @pytest.mark.parametrize("t,d,k", [(8, 256, 2), (16, 4096, 2)])

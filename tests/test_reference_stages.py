@@ -19,6 +19,7 @@ from moe_kernels.reference.expert_shared import expert_shared
 from moe_kernels.reference.gate import gate, select_sort
 from moe_kernels.reference.hc_post import hc_post
 from moe_kernels.reference.hc_pre import hc_pre
+from moe_kernels.types import ExpertWeights
 
 SEEDS = [0, 1, 2]
 # (preset, model overrides) -> tiny, and demo-width with fewer experts to stay fast
@@ -172,8 +173,8 @@ def test_expert_shared(shape, seed, limit):
     d, i_dim = cfg.hidden_size, cfg.moe_intermediate_size
     x_i8, xs = quantize_rows_int8(rand(seed, 8, d))
     ws = expert_weights(seed, 1, i_dim, d)
-    sh = expert_shared(x_i8, xs, *(ws[k][0] for k in ("w1", "w1_scale", "w3", "w3_scale",
-                                                       "w2", "w2_scale")), limit)
+    sh = expert_shared(x_i8, xs, ExpertWeights(*(ws[k][0] for k in ExpertWeights._fields)),
+                       limit)
     assert sh.dtype == torch.bfloat16 and sh.shape == (8, d)
     exp = sm.bf16_rne_bits(np_ffn(x_i8, xs, ws, 0, limit))
     r = ratio_reldiff(sh, torch.from_numpy(exp), diff_thd=0.01, pct_thd=0.05)
@@ -192,8 +193,8 @@ def test_expert_routed_masks_dirty_tail_and_applies_weight_after_w2(shape, seed)
     recv_s = torch.rand(nl, cap, generator=g) * 0.05
     recv_w = torch.rand(nl, cap, generator=g)
     count = torch.tensor([cap, 0, 2])
-    y = expert_routed(recv_x, recv_s, recv_w, count, *(ws[k] for k in
-                      ("w1", "w1_scale", "w3", "w3_scale", "w2", "w2_scale")), cfg.swiglu_limit)
+    ew = ExpertWeights(*(ws[k] for k in ExpertWeights._fields))
+    y = expert_routed(recv_x, recv_s, recv_w, count, ew, cfg.swiglu_limit)
     assert y.dtype == torch.bfloat16 and y.shape == (nl, cap, d)
     assert int(y[1].abs().sum()) == 0 and int(y[2, 2:].float().abs().sum()) == 0
     for e, n in enumerate(count.tolist()):
@@ -207,10 +208,10 @@ def test_expert_routed_masks_dirty_tail_and_applies_weight_after_w2(shape, seed)
 
 def test_expert_routed_rejects_bad_counts():
     ws = expert_weights(0, 1, 8, 8)
-    args = [ws[k] for k in ("w1", "w1_scale", "w3", "w3_scale", "w2", "w2_scale")]
+    args = ExpertWeights(*(ws[k] for k in ExpertWeights._fields))
     with pytest.raises(ValueError, match="recv_count"):
         expert_routed(torch.zeros(1, 2, 8, dtype=torch.int8), torch.zeros(1, 2),
-                      torch.zeros(1, 2), torch.tensor([3]), *args, 0.0)
+                      torch.zeros(1, 2), torch.tensor([3]), args, 0.0)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

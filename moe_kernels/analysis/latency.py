@@ -287,8 +287,7 @@ def tight_capacity_whatif(run: Any, weights: Any, recv_count: Any, seed: int = 0
         scale = torch.full((nl, c), 0.01)
         w = torch.full((nl, c), 1.0 / run.model.num_experts_per_tok)
         shard = weights.routed_shard(r, nl)
-        _, rec = kernel(x, scale, w, counts[r].clamp(max=c), shard["w1"], shard["w1_scale"],
-                        shard["w3"], shard["w3_scale"], shard["w2"], shard["w2_scale"],
+        _, rec = kernel(x, scale, w, counts[r].clamp(max=c), shard,
                         run.model.swiglu_limit)
         if rec is not None:
             calls.append(KernelCall(rank=r, stage="expert_routed", index=r,

@@ -14,7 +14,8 @@ import torch
 
 from ..config import RunConfig
 from ..ep.examples import worked_example
-from ..ep.layout import CapacityOverflowError, DispatchLayout, compute_layout
+from ..ep.layout import DispatchLayout, compute_layout
+from ..types import CapacityError
 from .comm import DISPATCH_CHANNELS, PAD_TILE_BYTES, X_ELEM_BYTES, Y_ELEM_BYTES
 from .gate_inputs import route_tokens
 from .skew import skew_routing
@@ -198,7 +199,7 @@ class OverflowOutcome:
     """The same routing at a reduced capacity, in both overflow modes."""
 
     capacity: int
-    error: str | None           # CapacityOverflowError message (overflow="error"), or None
+    error: str | None           # CapacityError message (overflow="error"), or None
     dropped: torch.Tensor       # [R, NL] int64 routes dropped (overflow="drop")
     placed: torch.Tensor        # [R, NL] int64 rows placed (overflow="drop")
     layout: DispatchLayout      # the overflow="drop" layout
@@ -219,7 +220,7 @@ class OverflowOutcome:
         """What each mode did, one paragraph."""
         if not self.overflowed:
             return f"capacity {self.capacity}: no expert overflows, nothing dropped"
-        return (f"overflow='error' raises CapacityOverflowError: {self.error}\n"
+        return (f"overflow='error' raises CapacityError: {self.error}\n"
                 f"overflow='drop' places {int(self.placed.sum())} rows and drops "
                 f"{self.dropped_total} of {self.routes_total} routes "
                 f"({100 * self.dropped_total / self.routes_total:.1f} %); dropped per "
@@ -232,7 +233,7 @@ def overflow_outcome(indices: torch.Tensor, n_local: int, capacity: int) -> Over
     try:
         compute_layout(indices, n_local, capacity, overflow="error")
         error = None
-    except CapacityOverflowError as exc:
+    except CapacityError as exc:
         error = str(exc)
     lay = compute_layout(indices, n_local, capacity, overflow="drop")
     return OverflowOutcome(capacity=capacity, error=error, dropped=lay.dropped.clone(),

@@ -5,10 +5,11 @@ and `TRANSPORTS` (ep.program), `LocalTransport` (ep.local), `SymmetricWindows`
 (ep.windows), and `run_under_torchrun` / `SpawnedWorld` (ep.dist, imported on demand).
 Importing this package has no side effects and spawns nothing.
 """
-from .layout import CapacityOverflowError, DispatchLayout, compute_layout
+from ..types import CapacityError
+from .layout import DispatchLayout, compute_layout
 from .local import LocalTransport
 from .program import TRANSPORTS, run_ep_layer
 from .windows import SymmetricWindows, WindowTimeoutError
 
-__all__ = ["CapacityOverflowError", "DispatchLayout", "compute_layout", "LocalTransport",
+__all__ = ["CapacityError", "DispatchLayout", "compute_layout", "LocalTransport",
            "TRANSPORTS", "run_ep_layer", "SymmetricWindows", "WindowTimeoutError"]

@@ -38,12 +38,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..backend import PackedRoutes, StageBackend
+from ..backend import StageBackend
 from ..config import RunConfig
 from ..fixtures import Inputs, Weights
 from ..layer import LayerResult
-from ..reference.dispatch_combine import RecvBuffers
-from .layout import CapacityOverflowError, RankPlan
+from ..types import CapacityError, PackedRoutes, RecvBuffers
+from .layout import RankPlan
 from .rank import RankOutput, run_to_end
 from .windows import Wait, WindowShape
 from .wire import check_wire_width, dispatch_row_bytes, pack_dispatch_into, unpack_dispatch
@@ -451,7 +451,7 @@ class SpawnedWorld:
             for jq in self._jobs:
                 jq.put(job)
             outs = self._collect(job.job_id, deadline=None)
-        except CapacityOverflowError:
+        except CapacityError:
             raise  # every rank raised it from the same count table: the group is intact
         except BaseException:
             self.close(polite=False)
@@ -539,8 +539,8 @@ def _combined_error(errors: dict[int, tuple[str, str, str]], silent: set[int],
                     timeout: float) -> Exception:
     """One exception for a failed step: the capacity error as itself, else DistError."""
     for name, msg, _ in errors.values():
-        if name == CapacityOverflowError.__name__:
-            return CapacityOverflowError(msg)
+        if name == CapacityError.__name__:
+            return CapacityError(msg)
     lines = [f"rank {r}: {name}: {msg.strip().splitlines()[0] if msg.strip() else ''}"
              for r, (name, msg, _) in sorted(errors.items())]
     if silent:

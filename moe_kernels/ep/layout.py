@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..types import CapacityError
+
 #: Allowed values of the `overflow` argument.
 OVERFLOW_MODES: tuple[str, ...] = ("error", "drop")
 #: Width in elements of the padded scalar channels: FP32/INT32 rows are padded to 8
@@ -24,10 +26,6 @@ OVERFLOW_MODES: tuple[str, ...] = ("error", "drop")
 PAD_COLS = 8
 #: Bytes per route of each scalar channel (8 columns x 4 bytes).
 PAD_BYTES = PAD_COLS * 4
-
-
-class CapacityOverflowError(ValueError):
-    """A local expert receives more rows than its receive window holds."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +211,7 @@ def check_capacity(table: torch.Tensor, capacity: int, overflow: str) -> torch.T
         dst, e = (int(v) for v in bad[0])
         n_local = table.shape[2]
         more = f" (and {len(bad) - 1} more experts over capacity)" if len(bad) > 1 else ""
-        raise CapacityOverflowError(
+        raise CapacityError(
             f"receive capacity overflow: rank {dst} local expert {e} (global expert "
             f"{dst * n_local + e}) receives count={int(total[dst, e])} rows, capacity="
             f"{capacity}{more}; raise RunConfig.recv_capacity / recv_safety or pass "
@@ -281,7 +279,7 @@ def compute_layout(indices: torch.Tensor, n_local: int, capacity: int,
                    overflow: str = "error") -> DispatchLayout:
     """Every rank's routing indices [R,T,K] (global expert ids) -> DispatchLayout.
 
-    Pure. Raises CapacityOverflowError (naming rank, expert, count, capacity) if a local
+    Pure. Raises CapacityError (naming rank, expert, count, capacity) if a local
     expert receives more than `capacity` rows, unless overflow="drop": then the routes
     beyond capacity (the last ones in src-major, t-major / k-minor order) get slot -1,
     are counted in `dropped[dst, e]`, and the EP program gives them zero contribution.

@@ -14,8 +14,7 @@ from collections.abc import Callable, Generator
 
 import torch
 
-from ..backend import PackedRoutes
-from ..reference.dispatch_combine import RecvBuffers
+from ..types import PackedRoutes, RecvBuffers
 from .layout import RankPlan
 from .rank import RankComm, RankGen, RankOutput
 from .windows import SIGNAL_WINDOWS, SymmetricWindows, Wait, WindowShape, WindowTimeoutError

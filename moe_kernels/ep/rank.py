@@ -16,11 +16,11 @@ from typing import Protocol
 
 import torch
 
-from ..backend import PackedRoutes, StageBackend
+from ..backend import StageBackend
 from ..config import RunConfig
 from ..fixtures import Weights
 from ..layer import front_stages
-from ..reference.dispatch_combine import RecvBuffers
+from ..types import PackedRoutes, RecvBuffers
 from .layout import RankPlan, plan_rank, route_targets, send_histogram, send_order
 from .windows import Wait
 
@@ -90,9 +90,7 @@ def rank_program(me: int, run: RunConfig, x_hc: torch.Tensor, input_ids: torch.T
         packed = PackedRoutes(*(f[keep] for f in packed))
     recv = yield from comm.dispatch(plan, packed)
     shard = weights.routed_shard(me, n_local)
-    recv_y = backend.expert_routed(recv.x, recv.scale, recv.weight, recv.count,
-                                   shard["w1"], shard["w1_scale"], shard["w3"],
-                                   shard["w3_scale"], shard["w2"], shard["w2_scale"],
+    recv_y = backend.expert_routed(recv.x, recv.scale, recv.weight, recv.count, shard,
                                    cfg.swiglu_limit)
     routed_y_buf = yield from comm.combine(plan, recv_y, recv.route)
     ffn_out = backend.reduce_routes(st["sh"], routed_y_buf, k).reshape(run.batch, run.seq, -1)

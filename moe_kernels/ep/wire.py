@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import PackedRoutes
+from ..types import PackedRoutes
 from .layout import PAD_COLS
 
 #: INT32 words after x_i8 in a dispatch wire row: scale, weight, r_route, zero pad.

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import PackedRoutes
 from ..config import ModelConfig, Routing
-from ..reference.gate import GateOut
+from ..types import ExpertWeights, GateOut, PackedRoutes
 from . import ffn, hc, routes
 from . import gate as gate_k
 from .runtime import LatencyRecord
@@ -42,21 +41,16 @@ class PyptoBackend:
         return out
 
     def expert_shared(self, x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
-                      w1: torch.Tensor, w1_scale: torch.Tensor, w3: torch.Tensor,
-                      w3_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      swiglu_limit: float) -> torch.Tensor:
-        out, lat = ffn.expert_shared(x_norm_i8, x_norm_scale, w1, w1_scale, w3, w3_scale,
-                                     w2, w2_scale, swiglu_limit)
+                      w: ExpertWeights, swiglu_limit: float) -> torch.Tensor:
+        out, lat = ffn.expert_shared(x_norm_i8, x_norm_scale, w, swiglu_limit)
         self._log("expert_shared", lat)
         return out
 
     def expert_routed(self, recv_x: torch.Tensor, recv_scale: torch.Tensor,
                       recv_w: torch.Tensor, recv_count: torch.Tensor,
-                      w1: torch.Tensor, w1_scale: torch.Tensor, w3: torch.Tensor,
-                      w3_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      swiglu_limit: float) -> torch.Tensor:
-        out, lat = ffn.expert_routed(recv_x, recv_scale, recv_w, recv_count, w1, w1_scale,
-                                     w3, w3_scale, w2, w2_scale, swiglu_limit)
+                      w: ExpertWeights, swiglu_limit: float) -> torch.Tensor:
+        out, lat = ffn.expert_routed(recv_x, recv_scale, recv_w, recv_count, w,
+                                     swiglu_limit)
         self._log("expert_routed", lat)
         return out
 

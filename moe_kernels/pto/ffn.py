@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from ..types import ExpertWeights
 from . import runtime as rt
 from .gate import quantize_rows_q8
 from .hc import _tile
@@ -125,10 +126,10 @@ def _check_weights(w1, w3, w2, lead: tuple[int, ...]) -> tuple[int, int]:
 
 
 def expert_shared(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
-                  w1: torch.Tensor, w1_scale: torch.Tensor, w3: torch.Tensor,
-                  w3_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                  swiglu_limit: float) -> tuple[torch.Tensor, LatencyRecord | None]:
+                  w: ExpertWeights, swiglu_limit: float
+                  ) -> tuple[torch.Tensor, LatencyRecord | None]:
     """x_norm_i8 [T,D] INT8, x_norm_scale [T,1] FP32 -> (sh [T,D] BF16, latency)."""
+    w1, w1_scale, w3, w3_scale, w2, w2_scale = w
     d, i = _check_weights(w1, w3, w2, ())
     if x_norm_i8.dim() != 2 or x_norm_i8.shape[1] != d or x_norm_i8.dtype != torch.int8:
         raise ValueError(f"x_norm_i8 must be [T,{d}] int8, got {tuple(x_norm_i8.shape)} "
@@ -180,9 +181,7 @@ def _routed_kernel(nl: int, c: int, d: int, i: int, limit: float):
 
 
 def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.Tensor,
-                  recv_count: torch.Tensor, w1: torch.Tensor, w1_scale: torch.Tensor,
-                  w3: torch.Tensor, w3_scale: torch.Tensor, w2: torch.Tensor,
-                  w2_scale: torch.Tensor, swiglu_limit: float
+                  recv_count: torch.Tensor, w: ExpertWeights, swiglu_limit: float
                   ) -> tuple[torch.Tensor, LatencyRecord | None]:
     """recv_x [NL,C,D] INT8, recv_scale/recv_w [NL,C] FP32, recv_count [NL] ->
     (recv_y [NL,C,D] BF16, latency); rows >= recv_count[e] are exactly 0.
@@ -192,6 +191,7 @@ def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.
     the (dirty) recv_x tail holds, as the reference's masking does.
     """
     nl, c, d = recv_x.shape
+    w1, w1_scale, w3, w3_scale, w2, w2_scale = w
     d_w, i = _check_weights(w1, w3, w2, (nl,))
     if d_w != d or recv_x.dtype != torch.int8:
         raise ValueError(f"recv_x must be [NL,C,{d_w}] int8, got {tuple(recv_x.shape)} "

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from ..config import INT8_AMAX_EPS, INT8_SCALE_MAX, ModelConfig, Routing
-from ..reference.gate import GateOut
+from ..types import GateOut
 from . import runtime as rt
 from .hc import _tile
 from .runtime import LatencyRecord

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from ..backend import PackedRoutes
+from ..types import PackedRoutes
 from . import runtime as rt
 from .hc import _tile
 from .runtime import LatencyRecord

@@ -7,25 +7,10 @@ overwrite one), then reduces sh + Σ_k in FP32, k = 0..K-1.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ..numerics import bf16_rint
-
-
-class RecvBuffers(NamedTuple):
-    """One rank's received rows, per local expert, `capacity` slots each."""
-
-    x: torch.Tensor       # [NL, C, D] INT8
-    scale: torch.Tensor   # [NL, C] FP32
-    weight: torch.Tensor  # [NL, C] FP32
-    route: torch.Tensor   # [NL, C] INT32, origin route id t·K + k (-1 in unused slots)
-    count: torch.Tensor   # [NL] INT64
-
-
-class CapacityError(ValueError):
-    """More rows for a local expert than its receive window holds."""
+from ..types import CapacityError, RecvBuffers
 
 
 def dispatch_single(indices: torch.Tensor, x_i8: torch.Tensor, x_scale: torch.Tensor,

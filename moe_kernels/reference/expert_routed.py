@@ -4,14 +4,12 @@ from __future__ import annotations
 import torch
 
 from ..numerics import bf16_rint
+from ..types import ExpertWeights
 from .ffn import swiglu_int8_ffn
 
 
 def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.Tensor,
-                  recv_count: torch.Tensor,
-                  w1: torch.Tensor, w1_scale: torch.Tensor,
-                  w3: torch.Tensor, w3_scale: torch.Tensor,
-                  w2: torch.Tensor, w2_scale: torch.Tensor,
+                  recv_count: torch.Tensor, w: ExpertWeights,
                   swiglu_limit: float) -> torch.Tensor:
     """recv_x [NL,C,D] INT8, recv_scale / recv_w [NL,C] FP32, recv_count [NL] ->
     recv_y [NL,C,D] BF16.
@@ -32,7 +30,7 @@ def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.
         if n == 0:
             continue
         y = swiglu_int8_ffn(recv_x[e, :n], recv_scale[e, :n].reshape(n, 1),
-                            w1[e], w1_scale[e], w3[e], w3_scale[e], w2[e], w2_scale[e],
+                            *(t[e] for t in w),
                             swiglu_limit, row_weight=recv_w[e, :n].reshape(n, 1))
         recv_y[e, :n] = bf16_rint(y)
     return recv_y

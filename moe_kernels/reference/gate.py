@@ -1,22 +1,11 @@
 """gate: FFN RMSNorm, per-token INT8, sqrt-softplus scores and top-k routing (spec §2.3)."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ..config import ModelConfig, Routing
 from ..numerics import bf16_rint, matmul_f32, quantize_rows_int8, sum_f32
-
-
-class GateOut(NamedTuple):
-    """Outputs of `gate` (T = B·S flattened tokens)."""
-
-    x_norm: torch.Tensor        # [T, D] BF16
-    x_norm_i8: torch.Tensor     # [T, D] INT8
-    x_norm_scale: torch.Tensor  # [T, 1] FP32
-    indices: torch.Tensor       # [T, K] INT32, global expert ids
-    weights: torch.Tensor       # [T, K] FP32
+from ..types import GateOut
 
 
 def ffn_norm(x_mixed: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:
