@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..backend import BACKENDS
 from ..config import PRESETS, ROUTING_MODES, ConfigError, ModelConfig, RunConfig, get_preset
+from ..paths import REPO_ROOT
 
 TRANSPORTS: tuple[str, ...] = ("local", "gloo")
-BACKENDS: tuple[str, ...] = ("torch", "pypto")
-#: Relative figures_dir values resolve against the repository root (the folder holding
-#: the moe_kernels package), so a notebook writes to the same place from any cwd.
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ParameterError(ConfigError):

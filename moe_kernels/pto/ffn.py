@@ -14,8 +14,8 @@ import torch
 from ..types import ExpertWeights
 from . import runtime as rt
 from .gate import quantize_rows_q8
-from .hc import _tile
 from .runtime import LatencyRecord
+from .tiling import divisor_tile
 
 #: Cube tiles for the INT8 matmuls [M, K] x [N, K]^T (decode: M is small, weights dominate).
 #: K: 256 deep in L0 (16·256 B activations, 256·128 B = 32 KiB of weights in L0B of 64 KiB),
@@ -81,17 +81,17 @@ def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
 
 def _cube_tiles(pypto, m: int, k_dims: tuple[int, ...], n: int = FFN_CUBE_N) -> None:
     mt = min(FFN_CUBE_M, -(-m // 16) * 16)
-    k0 = min(_tile(min(k_dims), FFN_CUBE_K0), FFN_CUBE_K0)
-    k1 = max(k0, _tile(min(k_dims), FFN_CUBE_K1))
+    k0 = min(divisor_tile("matmul K", min(k_dims), FFN_CUBE_K0), FFN_CUBE_K0)
+    k1 = max(k0, divisor_tile("matmul K", min(k_dims), FFN_CUBE_K1))
     pypto.set_cube_tile_shapes([mt, mt], [k0, k1], [n, n])
 
 
 @functools.lru_cache(maxsize=16)
 def _shared_kernel(t: int, d: int, i: int, limit: float):
     pypto = rt.ensure_ready()
-    rt_ = _tile(t, ROW_TILE)
-    rt_h = _tile(t, SHARED_H_ROW_TILE)
-    ct = _tile(min(d, i), COL_TILE)
+    rt_ = divisor_tile("tokens", t, ROW_TILE)
+    rt_h = divisor_tile("tokens", t, SHARED_H_ROW_TILE)
+    ct = divisor_tile("min(hidden, intermediate)", min(d, i), COL_TILE)
     swiglu = _swiglu_rows
     tiles = _cube_tiles
     w2_n = SHARED_W2_N
@@ -148,8 +148,8 @@ def expert_shared(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
 @functools.lru_cache(maxsize=16)
 def _routed_kernel(nl: int, c: int, d: int, i: int, limit: float):
     pypto = rt.ensure_ready()
-    rt_ = _tile(c, ROW_TILE)
-    ct = _tile(min(d, i), COL_TILE)
+    rt_ = divisor_tile("rows per expert", c, ROW_TILE)
+    ct = divisor_tile("min(hidden, intermediate)", min(d, i), COL_TILE)
     swiglu = _swiglu_rows
     tiles = _cube_tiles
 

@@ -8,8 +8,8 @@ import torch
 from ..config import INT8_AMAX_EPS, INT8_SCALE_MAX, ModelConfig, Routing
 from ..types import GateOut
 from . import runtime as rt
-from .hc import _tile
 from .runtime import LatencyRecord
+from .tiling import divisor_tile
 
 #: Tokens per vector tile: 4 rows x 1024 FP32 = 16 KiB; norm, Q8 and casts keep ~5 such
 #: tiles live, within the 192 KiB UB; 4 rows -> T/4 = 32 row groups at decode T = 128.
@@ -64,14 +64,14 @@ def quantize_rows_q8(pypto, v):
 def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: float,
                  route_scale: float):
     pypto = rt.ensure_ready()
-    tt = _tile(t, TOKEN_TILE)
-    ct = _tile(d, COL_TILE)
-    kt = _tile(d, GATE_CUBE_K)
-    kt1 = max(kt, _tile(d, GATE_CUBE_K1))
+    tt = divisor_tile("tokens", t, TOKEN_TILE)
+    ct = divisor_tile("hidden", d, COL_TILE)
+    kt = divisor_tile("hidden", d, GATE_CUBE_K)
+    kt1 = max(kt, divisor_tile("hidden", d, GATE_CUBE_K1))
     nt = -(-(GATE_W_SPLIT * e) // 16) * 16
     mt = min(GATE_CUBE_M, -(-t // 16) * 16)
     q8 = quantize_rows_q8
-    st = _tile(t, SCORE_TOKEN_TILE)
+    st = divisor_tile("tokens", t, SCORE_TOKEN_TILE)
 
     @pypto.frontend.jit(**rt.jit_options())
     def gate_k(x_mixed: pypto.Tensor((t, d), pypto.DT_BF16),

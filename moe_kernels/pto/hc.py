@@ -13,6 +13,7 @@ import torch
 from ..config import ModelConfig
 from . import runtime as rt
 from .runtime import LatencyRecord
+from .tiling import divisor_tile
 
 #: hc_pre RMS tiles: 4 tokens x 4096 columns -> 32 tasks; Σx² is taken as hc·D/4096 chunk
 #: sums, each over a whole tile row, added in chunk order (a sum split across tiles made
@@ -49,26 +50,17 @@ MIX_CUBE_M, MIX_CUBE_K, MIX_CUBE_N, MIX_CUBE_K1 = 48, 256, 16, 4096
 SINKHORN_SCOPE = 2
 
 
-def _tile(n: int, want: int) -> int:
-    """The largest divisor of n that is <= want (tiles must cover the axis exactly:
-    the interpreter rejects partial tiles for some ops, e.g. sigmoid)."""
-    for t in range(min(n, want), 0, -1):
-        if n % t == 0:
-            return t
-    return 1
-
-
 @functools.lru_cache(maxsize=16)
 def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: float):
     pypto = rt.ensure_ready()
     mix = (2 + hc) * hc
     hd = hc * d
-    tt = _tile(t, TOKEN_TILE)
-    xt = _tile(t, XMIX_TOKEN_TILE)
-    rc = _tile(hd, RMS_COL_TILE)
-    ct = _tile(d, COL_TILE)
-    kt = _tile(hd, MIX_CUBE_K)
-    kt1 = _tile(hd, MIX_CUBE_K1)
+    tt = divisor_tile("tokens", t, TOKEN_TILE)
+    xt = divisor_tile("tokens", t, XMIX_TOKEN_TILE)
+    rc = divisor_tile("hc*hidden", hd, RMS_COL_TILE)
+    ct = divisor_tile("hidden", d, COL_TILE)
+    kt = divisor_tile("hc*hidden", hd, MIX_CUBE_K)
+    kt1 = divisor_tile("hc*hidden", hd, MIX_CUBE_K1)
     nt = min(MIX_CUBE_N, -(-t // 16) * 16)  # cube N tiles must be 16-aligned
     mm_m = min(MIX_CUBE_M, 2 * mix)
 
@@ -178,8 +170,8 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
 @functools.lru_cache(maxsize=16)
 def _hc_post_kernel(t: int, hc: int, d: int):
     pypto = rt.ensure_ready()
-    tt = _tile(t, POST_TOKEN_TILE)
-    ct = _tile(d, POST_COL_TILE)
+    tt = divisor_tile("tokens", t, POST_TOKEN_TILE)
+    ct = divisor_tile("hidden", d, POST_COL_TILE)
     # vec_nbuffer_setting {-2: 1, -1: n}: every group of isomorphic vector subgraphs is
     # merged n to a task (pypto's "breadth" graph merge).
     opts = {**rt.jit_options(),

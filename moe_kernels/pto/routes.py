@@ -13,8 +13,8 @@ import torch
 
 from ..types import PackedRoutes
 from . import runtime as rt
-from .hc import _tile
 from .runtime import LatencyRecord
+from .tiling import divisor_tile
 
 #: Rows per vector tile for the row gathers/scatters: 16 rows x 4096 INT8 = 64 KiB
 #: (BF16: 128 KiB at 4096 columns is too big, so BF16 row tiles use COL_TILE columns).
@@ -41,7 +41,7 @@ def _merge_opts(tiles_per_task: int) -> dict:
 @functools.lru_cache(maxsize=32)
 def _pack_kernel(t: int, d: int, k: int, n: int):
     pypto = rt.ensure_ready()
-    rt_ = _tile(n, ROW_TILE)
+    rt_ = divisor_tile("routes", n, ROW_TILE)
 
     @pypto.frontend.jit(**_merge_opts(PACK_TILES_PER_TASK))
     def pack_routes_k(x: pypto.Tensor((t, d), pypto.DT_INT8),
@@ -87,8 +87,8 @@ def pack_routes(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor, weights: to
 @functools.lru_cache(maxsize=32)
 def _scatter_kernel(n: int, d: int):
     pypto = rt.ensure_ready()
-    rt_ = _tile(n, ROW_TILE)
-    ct = _tile(d, COL_TILE)
+    rt_ = divisor_tile("routes", n, ROW_TILE)
+    ct = divisor_tile("hidden", d, COL_TILE)
 
     @pypto.frontend.jit(**_merge_opts(SCATTER_TILES_PER_TASK))
     def scatter_routes_k(rows: pypto.Tensor((n, d), pypto.DT_BF16),
@@ -129,8 +129,8 @@ def scatter_routes(rows: torch.Tensor, route_ids: torch.Tensor, n_routes: int
 @functools.lru_cache(maxsize=16)
 def _reduce_kernel(t: int, d: int, k: int):
     pypto = rt.ensure_ready()
-    rt_ = _tile(t, ROW_TILE)
-    ct = _tile(d, COL_TILE)
+    rt_ = divisor_tile("tokens", t, ROW_TILE)
+    ct = divisor_tile("hidden", d, COL_TILE)
 
     @pypto.frontend.jit(**rt.jit_options())
     def reduce_routes_k(sh: pypto.Tensor((t, d), pypto.DT_BF16),

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from ..paths import CACHE_DIR
+
 #: The only pypto release whose private internals this module was written against.
 SUPPORTED_PYPTO_VERSION = "0.2.0"
 #: Env var overriding the cache folder (calculator build, quiet config, run outputs).
@@ -80,15 +82,10 @@ class LatencyRecord:
 
 
 # --------------------------------------------------------------------------- paths
-def project_root() -> Path:
-    """The folder holding the `moe_kernels` package (the repository root)."""
-    return Path(__file__).resolve().parents[2]
-
-
 def cache_dir() -> Path:
     """$MOE_KERNELS_PYPTO_CACHE, else <project root>/.cache/pypto (read on every call)."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser().resolve() if env else project_root() / ".cache" / "pypto"
+    return Path(env).expanduser().resolve() if env else CACHE_DIR / "pypto"
 
 
 def output_root() -> Path:
