@@ -4,6 +4,7 @@
     python -m moe_kernels stages --preset demo --ranks 2 --json stages.json
     python -m moe_kernels sweep  01_routing -p skew 0,0.5,1
     python -m moe_kernels figures
+    python -m moe_kernels comm   --validate
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import comm_cmd
 from .backend import BACKENDS, get_backend
 from .config import PRESETS, ConfigError, RunConfig, get_preset
 from .fixtures import make_inputs, make_weights
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     fig = sub.add_parser("figures", help="run every notebook at its defaults (demo, 2 ranks) "
                                          "and write figures/")
     fig.add_argument("--figures-dir", type=Path, default=Path("figures"))
+    comm_cmd.add_parser(sub)
     return parser
 
 
@@ -202,6 +205,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 COMMANDS = {"layer": cmd_layer, "stages": cmd_stages, "sweep": cmd_sweep,
             "figures": cmd_figures}
+COMMANDS["comm"] = comm_cmd.run
 
 
 def main(argv: list[str] | None = None) -> int:

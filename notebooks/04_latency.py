@@ -61,10 +61,10 @@ tight_whatif = True         # also SIM expert_routed sized by each rank's receiv
 run_sweeps = True           # latency vs tokens and vs ranks (8 SIM kernels per new point)
 batch_sweep = [16, 64, 256]  # batch per rank of the tokens sweep (SIM shape otherwise)
 ranks_sweep = [1, 2, 8]     # ranks of the ranks sweep (divisors of n_routed_experts)
-dispatch_gbps = None        # link GB/s for dispatch, None: 58 (DeepEP-Ascend EP8)
-dispatch_latency_us = None  # us per message in dispatch, None: 0.875 (DeepEP-Ascend EP8-32)
-combine_gbps = None         # link GB/s for combine, None: 116 (DeepEP-Ascend EP8)
-combine_latency_us = None   # us per message in combine, None: 1.04 (DeepEP-Ascend EP8-32)
+dispatch_gbps = None        # GB/s per rank for dispatch, None: 196 (A3 UB per 910C die)
+dispatch_latency_us = None  # us per message in dispatch, None: 1.0 (assumed, see comm)
+combine_gbps = None         # GB/s per rank for combine, None: 196 (A3 UB per 910C die)
+combine_latency_us = None   # us per message in combine, None: 1.0 (assumed, see comm)
 messages = "peer"           # peer: one message per (src, dst) pair | route: one per route
 roofline_shape = "sim"      # sim: rooflines at the SIM shape only | model: also at preset/batch
 
@@ -276,10 +276,12 @@ else:
 # from the reference gate on the seeded fixtures, the layout from `compute_layout`. Per
 # route, dispatch moves the INT8 row (D bytes) and three 32-byte side tiles (scale,
 # weight, r_route), combine one BF16 row (2·D bytes) back. A rank's own experts cost no
-# link time. Each rank's phase time is `max(egress, ingress)` with `bytes / bandwidth +
-# messages · latency` per peer (`moe_kernels.analysis.comm`). This is a **model**, not a
-# measurement; its default parameters come from DeepEP-Ascend's published low-latency
-# figures (A3, pure HCCS).
+# link time. Each rank's phase time is a fixed cost per call plus `max(egress, ingress)`
+# with `bytes / bandwidth + messages · latency` per peer (`moe_kernels.analysis.comm`).
+# This is a **model**, not a measurement: the bandwidth is the A3 SuperPoD's UB figure
+# per 910C die (arXiv:2506.12708), the latency per message an assumption, and only the
+# fixed costs are fitted, on DeepEP-Ascend's EP8 point; EP16 and EP32 are held out
+# (`python -m moe_kernels comm --validate`).
 
 # %%
 layout = compute_layout(route_tokens(run, seed).indices(run.routing), NL, run.recv_max)

@@ -461,7 +461,7 @@ def validate_latency_options(*, ranks: int, n_experts: int, swim_stage: str,
     """Check notebook 04's own parameters (after `validate_params`); a ParameterError
     names the parameter, its value and the allowed values. `n_experts`: routed experts of
     the SIM runs' preset (ranks_sweep must divide it). Link overrides left None keep
-    `comm`'s defaults (derived from published DeepEP-Ascend figures)."""
+    `comm`'s defaults (hardware figures; overheads fitted on DeepEP-Ascend EP8)."""
     from .comm import COMBINE_LINK, DISPATCH_LINK
     from .extra_params import validate_flag
     from .params import ParameterError

@@ -129,7 +129,7 @@ def plot_comm_model(model: CommModel, title: str,
                color=colour(i), hatch=MODEL_HATCH,
                edgecolor="white",
                label=f"{phase.name}, modelled ({phase.link.bandwidth_gbps:g} GB/s, "
-                     f"{phase.link.latency_us:g} us/msg)")
+                     f"{phase.link.latency_us:g} us/msg, {phase.link.overhead_us:.0f} us/call)")
     styles = ("--", ":", "-.")
     for j, p in enumerate(published):
         ax.axhline(p.value_us, color=colour(4 + j % 4), linestyle=styles[j % 3],

@@ -14,9 +14,9 @@ import torch
 
 from ..config import RunConfig
 from ..ep.examples import worked_example
-from ..ep.layout import DispatchLayout, compute_layout
+from ..ep.layout import DispatchLayout, compute_layout, peer_channel_bytes
 from ..types import CapacityError
-from .comm import DISPATCH_CHANNELS, PAD_TILE_BYTES, X_ELEM_BYTES, Y_ELEM_BYTES
+from .comm import DISPATCH_CHANNELS
 from .gate_inputs import route_tokens
 from .skew import skew_routing
 
@@ -108,11 +108,7 @@ def window_image(layout: DispatchLayout, dst: int) -> tuple[torch.Tensor, torch.
 def bytes_per_route(d_model: int) -> dict[str, int]:
     """Bytes one route moves per channel: x_i8 D, scale / weight / r_route one padded
     32-byte tile each, combine one BF16 row (2·D)."""
-    if not isinstance(d_model, int) or d_model <= 0:
-        raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
-    return {"x_i8": d_model * X_ELEM_BYTES, "scale": PAD_TILE_BYTES,
-            "weight": PAD_TILE_BYTES, "r_route": PAD_TILE_BYTES,
-            COMBINE: d_model * Y_ELEM_BYTES}
+    return {c: int(b) for c, b in peer_channel_bytes(torch.ones(1, 1), d_model).items()}
 
 
 @dataclass(frozen=True)

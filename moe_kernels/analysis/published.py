@@ -3,15 +3,13 @@
 Never mixed with our numbers unlabelled: every row carries `source` (repository and
 commit or README section) and `settings` (chip, shapes, scope). Sources:
 shared/notes/anchor-figures.md and the spec's §6 table (hw-native-sys/pypto-lib history).
-The DeepEP-Ascend rows are built from `comm.DEEPEP_ASCEND_LL`, the same table the
-communication model's default link parameters come from.
+`DEEPEP_ASCEND_LL` is owned here; the communication model (`comm`) is validated against it
+and fits only its per-call overhead on the EP8 row (see `comm`'s docstring).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from .comm import DEEPEP_ASCEND_LL
 
 #: Kinds of published figure (what they measure).
 KINDS: tuple[str, ...] = ("communication", "stage", "step")
@@ -20,6 +18,18 @@ DEEPEP_ASCEND_SOURCE = "sgl-project/sgl-kernel-npu README, DeepEP-Ascend Perform
 DEEPEP_ASCEND_SETTINGS = ("low-latency, A3 384 SuperPOD, pure HCCS, 128 tokens, hidden 7168, "
                           "top-8, INT8 dispatch / BF16 combine")
 PYPTO_LIB = "hw-native-sys/pypto-lib"
+
+#: DeepEP-Ascend low-latency kernels (sgl-project/sgl-kernel-npu README, "DeepEP-Ascend
+#: Performance"): pure HCCS, A3 384 SuperPOD, 128 tokens, hidden 7168, top-8, INT8
+#: dispatch, BF16 combine. EP -> (dispatch us, dispatch GB/s, combine us, combine GB/s).
+#: The GB/s columns are the publication's bytes / latency, not a link property.
+DEEPEP_ASCEND_LL: dict[int, tuple[float, float, float, float]] = {
+    8: (132.0, 58.0, 126.0, 116.0),
+    16: (139.0, 55.0, 135.0, 109.0),
+    32: (153.0, 49.0, 151.0, 97.0),
+}
+#: The shape of those measurements: tokens per rank, hidden size, top-k.
+DEEPEP_ASCEND_LL_SHAPE: tuple[int, int, int] = (128, 7168, 8)
 
 
 @dataclass(frozen=True)

@@ -107,12 +107,7 @@ class DispatchLayout:
         tile). "combine" flows back, owner -> origin: one BF16 row, 2·D bytes per route.
         The diagonal is a rank's traffic to itself (a local copy on real hardware).
         """
-        if not isinstance(d_model, int) or d_model <= 0:
-            raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
-        routes = self.routes_per_peer()
-        return {"x_i8": routes * d_model, "scale": routes * PAD_BYTES,
-                "weight": routes * PAD_BYTES, "r_route": routes * PAD_BYTES,
-                "combine": routes.T.contiguous() * (2 * d_model)}
+        return peer_channel_bytes(self.routes_per_peer(), d_model)
 
     def receive_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(src_rank, r_route), each [R(dst), NL, C] int64: who filled each window slot
@@ -147,6 +142,19 @@ class DispatchLayout:
                 lines.append(f"    from {src}: counts {self.counts[src, dst].tolist()} "
                              f"offset {self.send_offset[src, dst].tolist()}")
         return "\n".join(lines)
+
+
+def peer_channel_bytes(routes: torch.Tensor, d_model: int) -> dict[str, torch.Tensor]:
+    """routes [R(src),R(dst)] -> bytes per channel [R(from),R(to)] int64, the byte
+    accounting of `DispatchLayout.bytes_per_peer`: x_i8 D, scale / weight / r_route one
+    PAD_BYTES tile each per route (origin -> owner); "combine" one BF16 row (2·D) per
+    route, owner -> origin (the transpose)."""
+    if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model <= 0:
+        raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
+    routes = routes.to(torch.int64)
+    return {"x_i8": routes * d_model, "scale": routes * PAD_BYTES,
+            "weight": routes * PAD_BYTES, "r_route": routes * PAD_BYTES,
+            "combine": routes.T.contiguous() * (2 * d_model)}
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
