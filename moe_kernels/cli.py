@@ -5,6 +5,7 @@
     python -m moe_kernels sweep  01_routing -p skew 0,0.5,1
     python -m moe_kernels figures
     python -m moe_kernels comm   --validate
+    python -m moe_kernels eplb   --preset demo --ranks 2 --skew 1 --redundant 4 --json eplb.json
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import torch
 from . import comm_cmd
 from .backend import BACKENDS, get_backend
 from .config import PRESETS, ConfigError, RunConfig, get_preset
+from .eplb_cmd import add_parser as add_eplb_parser
+from .eplb_cmd import run as cmd_eplb
 from .fixtures import make_inputs, make_weights
 from .layer import LayerResult, reference_layer
 from .types import CapacityError
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "and write figures/")
     fig.add_argument("--figures-dir", type=Path, default=Path("figures"))
     comm_cmd.add_parser(sub)
+    add_eplb_parser(sub)
     return parser
 
 
@@ -206,6 +210,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 COMMANDS = {"layer": cmd_layer, "stages": cmd_stages, "sweep": cmd_sweep,
             "figures": cmd_figures}
 COMMANDS["comm"] = comm_cmd.run
+COMMANDS["eplb"] = cmd_eplb
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,26 +174,29 @@ print(f"the busiest rank computes {s1.rank_imbalance:.2f}x the mean rank's rows 
 # %% [markdown]
 # ## 4. EPLB what-if: redundant experts
 #
-# DeepSeek's expert-parallel load balancer gives the hottest experts extra copies in
-# spare slots on other ranks; each copy then serves an equal share of its expert's rows.
-# Here every rank keeps its home experts and gets `redundant_slots / R` spare slots; one
-# slot at a time, the expert with the highest load per copy gains a copy on the
-# least-loaded rank that has room and does not hold it yet (rules in
+# DeepSeek's expert-parallel load balancer (EPLB) gives the hottest experts extra copies
+# in spare slots; each copy then serves an equal share of its expert's rows. Every rank
+# gets `redundant_slots / R` spare slots. The expert with the highest load per copy gains
+# a copy, repeatedly; then all copies are repacked, heaviest first, onto the least-loaded
+# rank with a free slot. A replica that would not lower the busiest rank's load is not
+# placed (its slot stays empty), so the busiest rank never gets busier (rules in
 # `moe_kernels.analysis.eplb`).
 
 # %%
 plan = eplb.eplb_whatif(s1.expert_load, R, p.redundant_slots)
 print(plan.summary())
 fig = plots.plot_rank_load(
-    {"before (home experts only)": plan.load_before,
-     f"after ({p.redundant_slots} redundant slots)": plan.load_after},
+    {"before (home placement, no replicas)": plan.load_before,
+     f"after (EPLB, {len(plan.replicated)} of {p.redundant_slots} redundant slots used)":
+         plan.load_after},
     f"EPLB what-if: rows per rank ({cfg.name}, {run.routing} route, skew {p.skew:g})")
 out.show(fig, "01_eplb_rank_load.png")
 
 # %%
 fig = plots.plot_slot_map(
-    plan.placement, NL,
-    f"EPLB what-if: expert per slot ({R} ranks x {NL}+{p.redundant_slots // R} slots)")
+    plan.placement, plan.per_copy,
+    f"EPLB what-if: expert and rows per copy in each slot "
+    f"({R} ranks x {NL}+{p.redundant_slots // R} slots)")
 out.show(fig, "01_eplb_placement.png")
 
 # %% [markdown]

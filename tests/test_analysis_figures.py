@@ -38,7 +38,9 @@ def test_every_plot_has_title_labels_and_legend():
             plots.plot_lines([0, 1], {"s": [1.0, 2.0]}, "Lines", "x (u)", "y (u)", 1.0, "ref"),
             plots.plot_weight_hist({"w": torch.rand(20)}, "Weights"),
             plots.plot_gate_scores(torch.rand(6, 4), torch.tensor([[0, 1]] * 6), "Scores"),
-            plots.plot_slot_map(torch.tensor([[0, 1, 3], [2, 3, 0]]), 2, "Slots")]
+            plots.plot_slot_map(torch.tensor([[0, 1, 3], [2, 3, -1]]),
+                                torch.tensor([[4.0, 1.0, 2.5], [3.0, 2.5, float("nan")]]),
+                                "Slots")]
     for fig in figs:
         ax = fig.axes[0]
         assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()

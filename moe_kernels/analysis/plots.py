@@ -13,9 +13,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import PlaceHolderLayoutEngine
 from matplotlib.patches import Patch
@@ -201,25 +201,36 @@ def plot_lines(x: Sequence[float], series: Mapping[str, Sequence[float]], title:
     return fig
 
 
-def plot_slot_map(placement: torch.Tensor, n_local: int, title: str) -> Figure:
-    """Rank x slot table of global expert ids: home slots vs redundant replica slots."""
+def plot_slot_map(placement: torch.Tensor, per_copy: torch.Tensor, title: str) -> Figure:
+    """Rank x slot table of an expert placement [R,S] (-1 = unused slot): each cell is
+    coloured by the rows its copy serves, per_copy [R,S] (load / copies, NaN if unused),
+    and labelled with the expert id (xN when the expert has N copies) and those rows."""
     r, slots = placement.shape
-    fig, (ax,) = new_figure(min(12.0, max(5.0, 0.45 * slots + 2.0)),
-                            min(8.0, max(2.2, 0.5 * r + 1.4)))
-    home = torch.zeros(r, slots)
-    home[:, n_local:] = 1.0
-    ax.imshow(home.numpy(), cmap=ListedColormap([OKABE_ITO[1], OKABE_ITO[0]]),
-              vmin=0, vmax=1, aspect="auto")
-    if r * slots <= SLOT_LABELS_MAX:  # beyond that the ids are unreadable; colours stay
+    fig, (ax,) = new_figure(min(13.0, max(5.5, 0.55 * slots + 3.0)),
+                            min(8.0, max(2.4, 0.6 * r + 1.4)))
+    cmap = matplotlib.colormaps["cividis"].with_extremes(bad="0.85")
+    im = ax.imshow(per_copy.to(torch.float64).numpy(), cmap=cmap, aspect="auto",
+                   vmin=0.0)
+    ids = placement.to(torch.int64)
+    n_copies = torch.bincount(ids[ids >= 0], minlength=1)
+    if r * slots <= SLOT_LABELS_MAX:  # beyond that the labels are unreadable; colours stay
+        vmax = float(torch.nan_to_num(per_copy.to(torch.float64)).max())
         for i in range(r):
             for j in range(slots):
-                ax.text(j, i, str(int(placement[i, j])), ha="center", va="center",
-                        fontsize=8)
+                g = int(ids[i, j])
+                if g < 0:
+                    continue
+                rows = float(per_copy[i, j])
+                tag = f"{g}x{int(n_copies[g])}" if int(n_copies[g]) > 1 else str(g)
+                ax.text(j, i, f"{tag}\n{rows:.4g}", ha="center", va="center", fontsize=7,
+                        color="black" if rows > 0.5 * vmax else "white")
     ax.grid(False)
     ax.set_xticks(range(0, slots, 1 if slots <= 32 else 8))
     ax.set_yticks(range(0, r, 1 if r <= 32 else 8))
     ax.set(title=title, xlabel="slot on the rank (index)", ylabel="rank")
-    ax.legend(handles=[Patch(color=OKABE_ITO[1], label="home expert"),
-                       Patch(color=OKABE_ITO[0], label="redundant replica")],
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.colorbar(im, ax=ax, label="rows per copy")
+    fig.legend(handles=[Patch(color="0.85", label="unused redundant slot"),
+                        Patch(color="none", label="cell: expert id (xN = N copies) over "
+                                                  "its rows per copy = load / copies")],
+               loc="outside lower center", fontsize=8, frameon=False, ncols=2)
     return fig
