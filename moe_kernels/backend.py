@@ -11,12 +11,7 @@ from typing import Protocol
 import torch
 
 from .config import ModelConfig, Routing
-from .reference import dispatch_combine as _dc
-from .reference import expert_routed as _er
-from .reference import expert_shared as _es
-from .reference import gate as _gate
-from .reference import hc_post as _hp
-from .reference import hc_pre as _hpre
+from .stages import STAGES
 from .types import ExpertWeights, GateOut, PackedRoutes
 
 BACKENDS: tuple[str, ...] = ("torch", "pypto")
@@ -53,43 +48,19 @@ class StageBackend(Protocol):
                 comb: torch.Tensor) -> torch.Tensor: ...
 
 
-def pack_routes_torch(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
-                      weights: torch.Tensor, route_ids: torch.Tensor) -> PackedRoutes:
-    """Gather the four channels of routes `route_ids` [N] (token = route // K)."""
-    k = weights.shape[1]
-    r = route_ids.to(torch.int64)
-    tok = r // k
-    return PackedRoutes(x=torch.index_select(x_norm_i8, 0, tok),
-                        scale=torch.index_select(x_norm_scale.reshape(-1), 0, tok),
-                        weight=torch.index_select(weights.reshape(-1), 0, r),
-                        route=r.to(torch.int32))
-
-
-def scatter_routes_torch(rows: torch.Tensor, route_ids: torch.Tensor,
-                         n_routes: int) -> torch.Tensor:
-    """routed_y_buf [n_routes, D]: row route_ids[i] <- rows[i]; each route exactly once."""
-    r = route_ids.to(torch.int64)
-    if r.numel() != n_routes or not torch.equal(torch.sort(r).values, torch.arange(n_routes)):
-        raise RuntimeError(f"scatter_routes needs every route in [0, {n_routes}) exactly "
-                           f"once, got {r.numel()} rows")
-    out = torch.empty(n_routes, rows.shape[-1], dtype=rows.dtype)
-    out[r] = rows
-    return out
-
-
 class TorchBackend:
-    """The torch reference stages (the golden), on CPU."""
+    """The torch reference stages (the golden), on CPU: each stage's registry reference."""
 
     name = "torch"
 
-    hc_pre = staticmethod(_hpre.hc_pre)
-    gate = staticmethod(_gate.gate)
-    expert_shared = staticmethod(_es.expert_shared)
-    expert_routed = staticmethod(_er.expert_routed)
-    pack_routes = staticmethod(pack_routes_torch)
-    scatter_routes = staticmethod(scatter_routes_torch)
-    reduce_routes = staticmethod(_dc.reduce_routes)
-    hc_post = staticmethod(_hp.hc_post)
+    hc_pre = staticmethod(STAGES["hc_pre"].reference)
+    gate = staticmethod(STAGES["gate"].reference)
+    expert_shared = staticmethod(STAGES["expert_shared"].reference)
+    expert_routed = staticmethod(STAGES["expert_routed"].reference)
+    pack_routes = staticmethod(STAGES["pack_routes"].reference)
+    scatter_routes = staticmethod(STAGES["scatter_routes"].reference)
+    reduce_routes = staticmethod(STAGES["reduce_routes"].reference)
+    hc_post = staticmethod(STAGES["hc_post"].reference)
 
 
 def get_backend(name: str) -> StageBackend:

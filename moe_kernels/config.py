@@ -17,15 +17,43 @@ INT8_SCALE_MAX = 127.0
 INT8_AMAX_EPS = 1e-4
 #: Receive-capacity safety factor over the mean per-expert load (spec §1.2 RECV_SAFETY).
 RECV_SAFETY = 4
+#: Smallest default receive capacity, in rows per local expert: one cube tile (the
+#: Ascend cube unit's 16-row fractal). At decode sizes the spec formula gives 0-4 rows
+#: (flash, R=8, T=2: (2·6 // 32)·4 = 0), so one hot expert overflows at once; the
+#: reference program's later decode setting also floors the window at one tile.
+MIN_RECV_ROWS = 16
+#: Upper bound on T = batch · seq tokens per rank. A decode step carries at most a few
+#: thousand tokens per rank; at D=4096 every token costs 32 KiB of x_hc alone, so 65536
+#: tokens are 2 GiB of input per rank before any stage runs.
+MAX_TOKENS_PER_RANK = 65536
+#: Seeds are in [0, SEED_LIMIT): torch.Generator.manual_seed takes a signed 64-bit value,
+#: so larger seeds would wrap and silently repeat another seed's data.
+SEED_LIMIT = 2 ** 63
 
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the parameter."""
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """`seed` if it is an integer in [0, 2^63), else ConfigError naming the limit."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be an integer in [0, 2^63) (torch seeds are 64-bit "
+                          f"signed; larger values would repeat another seed), got {seed!r}")
+    return seed
+
+
+def is_int(value: Any) -> bool:
+    """True for a Python or NumPy-free integer; a bool is not an integer here."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """`value` if it is an integer >= `minimum`, else ConfigError naming `name`."""
+    if not is_int(value) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -52,7 +80,7 @@ class ModelConfig:
         for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts",
                      "num_experts_per_tok", "vocab_size", "hc_mult", "hc_sinkhorn_iters",
                      "n_shared_experts"):
-            _check_positive(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(
                 f"num_experts_per_tok (top-k) must be <= n_routed_experts "
@@ -126,7 +154,11 @@ class RunConfig:
 
     `routing` picks the gate route; the layer id follows the spec's rule
     (hash iff layer_id < num_hash_layers): 0 for hash, num_hash_layers for sort.
-    `recv_capacity` overrides the spec's RECV_MAX formula when given.
+    `recv_capacity` overrides the default receive capacity when given; it may not
+    exceed R·T, the most rows one expert can receive (every token of every rank).
+    Default capacity: clamp((T·K // NL)·recv_safety, MIN_RECV_ROWS, R·T), i.e. the spec
+    §1.2 formula, at least one 16-row cube tile, never more than what can arrive.
+    T = batch·seq is at most MAX_TOKENS_PER_RANK.
     """
 
     model: ModelConfig
@@ -138,12 +170,23 @@ class RunConfig:
     recv_capacity: int | None = field(default=None)
 
     def __post_init__(self) -> None:
-        _check_positive("batch", self.batch)
-        _check_positive("seq", self.seq)
-        _check_positive("ranks", self.ranks)
-        _check_positive("recv_safety", self.recv_safety)
+        check_int("batch", self.batch)
+        check_int("seq", self.seq)
+        check_int("ranks", self.ranks)
+        check_int("recv_safety", self.recv_safety)
+        if self.batch * self.seq > MAX_TOKENS_PER_RANK:
+            raise ConfigError(
+                f"batch x seq = {self.batch} x {self.seq} = {self.batch * self.seq} tokens "
+                f"per rank exceeds the limit {MAX_TOKENS_PER_RANK} (a decode step; each "
+                f"token needs hc·D·2 bytes of x_hc per stage)")
         if self.recv_capacity is not None:
-            _check_positive("recv_capacity", self.recv_capacity)
+            check_int("recv_capacity", self.recv_capacity)
+            most = self.ranks * self.batch * self.seq
+            if self.recv_capacity > most:
+                raise ConfigError(
+                    f"capacity (recv_capacity) = {self.recv_capacity} exceeds {most} = "
+                    f"ranks x batch x seq, the most rows one expert can receive (every "
+                    f"token of every rank); give at most {most}")
         if self.model.n_routed_experts % self.ranks:
             divisors = [r for r in range(1, self.model.n_routed_experts + 1)
                         if self.model.n_routed_experts % r == 0]
@@ -172,13 +215,20 @@ class RunConfig:
         return 0 if self.routing == "hash" else self.model.num_hash_layers
 
     @property
+    def max_arrivals(self) -> int:
+        """R·T: the most rows one expert can receive (each token picks an expert once)."""
+        return self.ranks * self.tokens
+
+    @property
     def recv_max(self) -> int:
         """Rows per local expert in a receive window: the override, or spec §1.2's
-        (T * K // NL) * RECV_SAFETY, at least 1."""
+        (T·K // NL)·recv_safety clamped to [MIN_RECV_ROWS, R·T] (at least one cube tile,
+        never more rows than can arrive)."""
         if self.recv_capacity is not None:
             return self.recv_capacity
-        return max(1, (self.tokens * self.model.num_experts_per_tok // self.n_local)
-                   * self.recv_safety)
+        formula = (self.tokens * self.model.num_experts_per_tok // self.n_local
+                   ) * self.recv_safety
+        return min(self.max_arrivals, max(MIN_RECV_ROWS, formula))
 
     def to_dict(self) -> dict[str, Any]:
         """Every preset field and run parameter, flat (the dump's `config`)."""

@@ -40,7 +40,7 @@
 
 # %%
 # Only the light validation imports happen before the parameters, so bad values fail fast.
-from moe_kernels.analysis.extra_params import validate_factor, validate_flag
+from moe_kernels.analysis.params import validate_factor, validate_flag
 from moe_kernels.analysis.params import validate_params
 
 # %% tags=["parameters"]

@@ -37,7 +37,7 @@
 
 # %%
 # Only the light validation imports happen before the parameters, so bad values fail fast.
-from moe_kernels.analysis.extra_params import validate_flag, validate_side_run
+from moe_kernels.analysis.params import validate_flag, validate_side_run
 from moe_kernels.analysis.params import validate_params
 
 # %% tags=["parameters"]

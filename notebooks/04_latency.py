@@ -40,9 +40,13 @@
 
 # %%
 # Only the light validation imports happen before the parameters, so bad values fail fast.
-from moe_kernels.analysis.extra_params import validate_choice, validate_flag, validate_side_run
-from moe_kernels.analysis.latency import validate_latency_options
-from moe_kernels.analysis.params import validate_params
+from moe_kernels.analysis.params import (
+    validate_choice,
+    validate_flag,
+    validate_latency_options,
+    validate_params,
+    validate_side_run,
+)
 
 # %% tags=["parameters"]
 preset = "tiny"             # tiny | demo | flash | pro: the communication model's shape
@@ -103,9 +107,10 @@ import torch
 # pypto calls logging.basicConfig(DEBUG) on import; configure first so only warnings show.
 logging.basicConfig(level=logging.WARNING)
 
-from moe_kernels.analysis import latency as lat
+from moe_kernels.analysis import latency_bars as lb
 from moe_kernels.analysis import latency_plots as lp
-from moe_kernels.analysis import plots
+from moe_kernels.analysis import plots, sources
+from moe_kernels.analysis import rank_latency as rl
 from moe_kernels.analysis.comm import comm_model
 from moe_kernels.analysis.gate_inputs import route_tokens
 from moe_kernels.analysis.manifest import FigureWriter
@@ -118,7 +123,7 @@ out = FigureWriter(p.figures_dir, "04_latency",
                    {**p.as_dict(), "pypto_preset": scfg.name, "pypto_batch": srun.batch,
                     "tight_whatif": tight_whatif, "roofline_shape": roofline_shape,
                     **opt.as_dict()})
-SIM, MODEL = lat.SIM_SOURCE, lat.MODEL_SOURCE
+SIM, MODEL = sources.SIM_SOURCE, sources.MODEL_SOURCE
 SHAPE = f"{scfg.name}, {srun.ranks} ranks, T={srun.tokens}/rank, C={srun.recv_max}"
 started = time.perf_counter()
 
@@ -129,16 +134,16 @@ started = time.perf_counter()
 # the SIM shape (`pypto_preset`, `pypto_batch`: the CPU interpreter that computes the
 # kernels' numbers is slow, so this shape is small by default). Each rank gets its own
 # `PyptoBackend`, so every kernel call lands on the rank that made it
-# (`moe_kernels.analysis.latency.run_ep_per_rank`). The interpreter computes the numbers
+# (`moe_kernels.analysis.rank_latency.run_ep_per_rank`). The interpreter computes the numbers
 # (routing needs the gate's real output), the cost model the time. The first pypto use
 # on a machine builds the interpreter (about a minute, cached afterwards).
 
 # %%
 s_weights = make_weights(scfg, seed)
 s_inputs = make_inputs(srun, seed)
-per = lat.run_ep_per_rank(srun, s_inputs, s_weights, keep_swim=(opt.swim_stage,))
+per = rl.run_ep_per_rank(srun, s_inputs, s_weights, keep_swim=(opt.swim_stage,))
 s_layout = per.result.extra["layout"]
-bars = lat.per_rank_stage_bars(per.calls, R)
+bars = lb.per_rank_stage_bars(per.calls, R)
 recv = s_layout.recv_count.sum(dim=1).tolist()
 print(f"{len(per.calls)} kernel calls in {time.perf_counter() - started:.0f} s")
 for r in range(R):
@@ -170,8 +175,8 @@ out.show(fig, "04_stage_latency_per_rank.png", title)
 
 # %%
 if tight_whatif:
-    tight = lat.tight_capacity_whatif(srun, s_weights, s_layout.recv_count, seed)
-    c_r = lat.tight_capacity(s_layout.recv_count)
+    tight = rl.tight_capacity_whatif(srun, s_weights, s_layout.recv_count, seed)
+    c_r = rl.tight_capacity(s_layout.recv_count)
     title = (f"expert_routed per rank: EP kernel (C={srun.recv_max}) vs sized by rows "
              f"received, {SIM} ({scfg.name}, T={srun.tokens}/rank)")
     fig = plots.plot_rank_load(
@@ -245,8 +250,8 @@ if roofline_shape == "model":
 # %%
 known = {srun: records}
 if opt.run_sweeps:
-    b_runs = lat.batch_sweep_runs(srun, opt.batch_sweep)
-    b_series = lat.sweep_series(lat.stage_sweep(b_runs, seed, known=known))
+    b_runs = lb.batch_sweep_runs(srun, opt.batch_sweep)
+    b_series = lb.sweep_series(lb.stage_sweep(b_runs, seed, known=known))
     title = (f"Latency vs tokens per rank, {SIM} ({scfg.name}, {srun.ranks} ranks, "
              f"seq {srun.seq})")
     fig = lp.plot_sweep([r_.tokens for r_ in b_runs], b_series, title,
@@ -257,11 +262,11 @@ else:
 
 # %%
 if opt.run_sweeps:
-    r_runs = lat.ranks_sweep_runs(srun, opt.ranks_sweep)
+    r_runs = lb.ranks_sweep_runs(srun, opt.ranks_sweep)
     routed = [r_ for r_ in records if r_.stage == "expert_routed"]
-    r_reports = lat.stage_sweep(r_runs, seed, stages=("expert_routed",),
+    r_reports = lb.stage_sweep(r_runs, seed, stages=("expert_routed",),
                                 known={srun: routed})
-    r_series = lat.sweep_series(r_reports, fixed=records)
+    r_series = lb.sweep_series(r_reports, fixed=records)
     title = f"Latency vs ranks, {SIM} ({scfg.name}, T={srun.tokens}/rank, NL = E / ranks)"
     fig = lp.plot_sweep([r_.ranks for r_ in r_runs], r_series, title,
                         xlabel="EP ranks (count)", ylabel="SIM latency per rank (us)")
@@ -304,7 +309,7 @@ out.show(fig, "04_comm_model.png", title)
 # %%
 s_cm = comm_model(s_layout.counts, scfg.hidden_size, opt.dispatch_link, opt.combine_link,
                   per=opt.messages)
-step = lat.add_segments(bars, {"dispatch (model)": s_cm.dispatch.rank_us.tolist(),
+step = lb.add_segments(bars, {"dispatch (model)": s_cm.dispatch.rank_us.tolist(),
                                "combine (model)": s_cm.combine.rank_us.tolist()})
 title = (f"Per-rank step: {SIM} stages + {MODEL} (hatched; "
          f"{opt.dispatch_link.bandwidth_gbps:g}/{opt.combine_link.bandwidth_gbps:g} GB/s) "

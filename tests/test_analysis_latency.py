@@ -1,4 +1,4 @@
-"""moe_kernels.analysis.latency / published / latency_plots: swim.json parsing, per-rank
+"""moe_kernels.analysis.rank_latency, latency_bars, published, latency_plots: swim parsing, per-rank
 attribution (with a fake timed backend: no pypto), bar and sweep data, parameter checks,
 the published-figures table, and the figures (deterministic PNG bytes)."""
 from __future__ import annotations
@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moe_kernels.analysis import latency as lat
+from moe_kernels.analysis import latency_bars as lb
 from moe_kernels.analysis import latency_plots as lp
+from moe_kernels.analysis import rank_latency as rl
+from moe_kernels.analysis import sources
 from moe_kernels.analysis.comm import COMBINE_LINK, DISPATCH_LINK, comm_model
-from moe_kernels.analysis.params import ParameterError, validate_params
+from moe_kernels.analysis.params import ParameterError, validate_latency_options, validate_params
 from moe_kernels.analysis.plots import figure_png
 from moe_kernels.analysis.published import (
     KINDS,
@@ -23,7 +25,9 @@ from moe_kernels.analysis.published import (
 from moe_kernels.backend import TorchBackend
 from moe_kernels.ep import run_ep_layer
 from moe_kernels.fixtures import make_inputs, make_weights
+from moe_kernels.pto import swim
 from moe_kernels.pto.runtime import LatencyRecord
+from moe_kernels.stages import STAGE_NAMES
 
 SWIM = [
     {"blockIdx": 0, "coreType": "AIC", "tasks": [
@@ -45,7 +49,7 @@ def _write_swim(tmp_path, cores=SWIM):
 
 
 def test_parse_swim_tasks_on_a_small_file(tmp_path):
-    table = lat.parse_swim_tasks(_write_swim(tmp_path), kernel="k", clock_mhz=1800.0)
+    table = swim.parse_swim_tasks(_write_swim(tmp_path), kernel="k", clock_mhz=1800.0)
     assert table.lanes == ("AIC 0", "AIV 24")         # HUB and empty lanes left out
     assert [t.task_id for t in table.tasks] == [3, 0, 1]
     assert table.tasks[0].start_us == pytest.approx(0.5)   # shifted: first AICore at 900
@@ -54,17 +58,17 @@ def test_parse_swim_tasks_on_a_small_file(tmp_path):
     assert table.span_us == pytest.approx((5400 - 900) / 1800)
     assert table.busy_us == pytest.approx((3600 + 900 + 900) / 1800)
     assert table.utilization == pytest.approx(table.busy_us / (2 * table.span_us))
-    same = lat.parse_swim_tasks(SWIM, kernel="k")            # already-loaded list
+    same = swim.parse_swim_tasks(SWIM, kernel="k")            # already-loaded list
     assert same == table
 
 
 def test_parse_swim_tasks_errors(tmp_path):
     with pytest.raises(ValueError, match="no tasks on core types"):
-        lat.parse_swim_tasks([{"blockIdx": 0, "coreType": "HUB", "tasks": []}])
+        swim.parse_swim_tasks([{"blockIdx": 0, "coreType": "HUB", "tasks": []}])
     with pytest.raises(ValueError, match="clock_mhz"):
-        lat.parse_swim_tasks(SWIM, clock_mhz=0)
+        swim.parse_swim_tasks(SWIM, clock_mhz=0)
     with pytest.raises(ValueError, match="list of cores"):
-        lat.parse_swim_tasks({"not": "a list"})
+        swim.parse_swim_tasks({"not": "a list"})
 
 
 class FakeTimedBackend(TorchBackend):
@@ -85,11 +89,11 @@ class FakeTimedBackend(TorchBackend):
 
     def __getattribute__(self, name: str):
         attr = super().__getattribute__(name)
-        if name in lat.EP_STAGES:
+        if name in STAGE_NAMES:
             def timed(*args, **kwargs):
                 out = attr(*args, **kwargs)
                 us = (float(args[3].sum()) if name == "expert_routed"
-                      else 1.0 + lat.EP_STAGES.index(name))
+                      else 1.0 + STAGE_NAMES.index(name))
                 self._rec(name, us)
                 return out
             return timed
@@ -106,16 +110,16 @@ def tiny_run():
 def test_run_ep_per_rank_attributes_every_call(tiny_run, tmp_path):
     run, inputs, weights = tiny_run
     swim = str(_write_swim(tmp_path))
-    per = lat.run_ep_per_rank(run, inputs, weights,
+    per = rl.run_ep_per_rank(run, inputs, weights,
                               make_backend=lambda: FakeTimedBackend(swim))
     ref = run_ep_layer(run, inputs, weights)
     assert torch.equal(per.result.x_next, ref.x_next)     # wrapping changes no bits
-    stages = [s for s in lat.EP_STAGES if s != "scatter_routes"]
+    stages = [s for s in STAGE_NAMES if s != "scatter_routes"]
     for r in range(run.ranks):
         assert [c.stage for c in per.calls if c.rank == r] == stages
     assert [c.index for c in per.calls] == list(range(len(per.calls)))
     recv = per.result.extra["layout"].recv_count.sum(dim=1)
-    bars = lat.per_rank_stage_bars(per.calls, run.ranks)
+    bars = lb.per_rank_stage_bars(per.calls, run.ranks)
     assert bars.categories == ("rank 0", "rank 1")
     assert list(bars.segments) == stages                   # program order, no scatter
     assert bars.segments["expert_routed"] == tuple(float(v) for v in recv)
@@ -127,33 +131,33 @@ def test_run_ep_per_rank_attributes_every_call(tiny_run, tmp_path):
 
 
 def test_routing_backend_needs_a_rank_and_known_stages(tmp_path):
-    rb = lat.RankRoutingBackend(2, lambda: FakeTimedBackend(""))
+    rb = rl.RankRoutingBackend(2, lambda: FakeTimedBackend(""))
     with pytest.raises(RuntimeError, match="outside a rank program"):
         rb.gate()
     with pytest.raises(AttributeError):
         rb.not_a_stage  # noqa: B018
     with pytest.raises(ValueError, match="ranks"):
-        lat.RankRoutingBackend(0, lambda: None)
+        rl.RankRoutingBackend(0, lambda: None)
     with pytest.raises(ValueError, match="in-process transport"):
-        lat.RankTaggingTransport(SimpleNamespace(run_layer=None), rb)
+        rl.RankTaggingTransport(SimpleNamespace(run_layer=None), rb)
 
 
 def test_bars_and_segments():
-    calls = [lat.KernelCall(0, "gate", 0, 2.0, 1, 0.5), lat.KernelCall(1, "gate", 1, 3.0, 1, 0.5),
-             lat.KernelCall(1, "hc_pre", 2, 1.0, 1, 0.5), lat.KernelCall(1, "gate", 3, 1.0, 1, .5)]
-    bars = lat.per_rank_stage_bars(calls, 2)
+    calls = [rl.KernelCall(0, "gate", 0, 2.0, 1, 0.5), rl.KernelCall(1, "gate", 1, 3.0, 1, 0.5),
+             rl.KernelCall(1, "hc_pre", 2, 1.0, 1, 0.5), rl.KernelCall(1, "gate", 3, 1.0, 1, .5)]
+    bars = lb.per_rank_stage_bars(calls, 2)
     assert list(bars.segments) == ["hc_pre", "gate"]
     assert bars.segments["gate"] == (2.0, 4.0) and bars.totals == (2.0, 5.0)
-    step = lat.add_segments(bars, {"dispatch (model)": [1.0, 2.0]})
+    step = lb.add_segments(bars, {"dispatch (model)": [1.0, 2.0]})
     assert step.totals == (3.0, 7.0)
     with pytest.raises(ValueError, match="needs 2 values"):
-        lat.add_segments(bars, {"x": [1.0]})
+        lb.add_segments(bars, {"x": [1.0]})
     with pytest.raises(ValueError, match="already present"):
-        lat.add_segments(bars, {"gate": [1.0, 1.0]})
+        lb.add_segments(bars, {"gate": [1.0, 1.0]})
     with pytest.raises(ValueError, match="outside"):
-        lat.per_rank_stage_bars(calls, 1)
+        lb.per_rank_stage_bars(calls, 1)
     with pytest.raises(ValueError, match="not one of"):
-        lat.per_rank_stage_bars([lat.KernelCall(0, "dispatch", 0, 1.0, 1, 1.0)], 1)
+        lb.per_rank_stage_bars([rl.KernelCall(0, "dispatch", 0, 1.0, 1, 1.0)], 1)
 
 
 def test_sweeps_with_a_fake_report(tiny_run):
@@ -165,29 +169,29 @@ def test_sweeps_with_a_fake_report(tiny_run):
         return [SimpleNamespace(stage="gate", sim_us=float(r.tokens)),
                 SimpleNamespace(stage="expert_routed", sim_us=float(r.n_local))]
 
-    runs = lat.batch_sweep_runs(run, [2, 8])
+    runs = lb.batch_sweep_runs(run, [2, 8])
     assert [r.tokens for r in runs] == [4, 16]
-    series = lat.sweep_series(lat.stage_sweep(runs, 3, report=report))
+    series = lb.sweep_series(lb.stage_sweep(runs, 3, report=report))
     assert series == {"gate": [4.0, 16.0], "expert_routed": [8.0, 8.0],
                       "total (sum of stages)": [12.0, 24.0]}
     assert seen == [(2, 2, 3, None), (8, 2, 3, None)]
-    rr = lat.ranks_sweep_runs(run, [1, 4])
+    rr = lb.ranks_sweep_runs(run, [1, 4])
     assert [r.n_local for r in rr] == [16, 4]
     fixed = [SimpleNamespace(stage="gate", sim_us=99.0), SimpleNamespace(stage="hc_post",
                                                                          sim_us=1.0)]
-    one = lat.sweep_series([[SimpleNamespace(stage="gate", sim_us=2.0)]], fixed=fixed)
+    one = lb.sweep_series([[SimpleNamespace(stage="gate", sim_us=2.0)]], fixed=fixed)
     assert one == {"gate": [2.0], "total (sum of stages; 1 unchanged stages fixed)": [3.0]}
-    again = lat.stage_sweep(runs, 3, report=report, known={runs[0]: ["cached"]})
+    again = lb.stage_sweep(runs, 3, report=report, known={runs[0]: ["cached"]})
     assert again[0] == ["cached"] and len(seen) == 3
     with pytest.raises(ValueError, match="different stages"):
-        lat.sweep_series([[SimpleNamespace(stage="a", sim_us=1.0)],
+        lb.sweep_series([[SimpleNamespace(stage="a", sim_us=1.0)],
                           [SimpleNamespace(stage="b", sim_us=1.0)]])
 
 
 def _opts(**kw):
     base = dict(ranks=2, n_experts=16, swim_stage="expert_routed", swim_rank=0,
                 run_sweeps=True, batch_sweep=[8, 2], ranks_sweep=[2, 1])
-    return lat.validate_latency_options(**{**base, **kw})
+    return validate_latency_options(**{**base, **kw})
 
 
 def test_validate_latency_options():
@@ -232,14 +236,14 @@ def test_published_figures_have_sources_and_settings():
 
 def test_latency_figures_are_deterministic(tiny_run):
     run = tiny_run[0]
-    table = lat.parse_swim_tasks(SWIM, kernel="k")
-    bars = lat.StackedBars(("rank 0", "rank 1"), {"gate": (2.0, 3.0), "hc_post": (1.0, 1.0)})
+    table = swim.parse_swim_tasks(SWIM, kernel="k")
+    bars = lb.StackedBars(("rank 0", "rank 1"), {"gate": (2.0, 3.0), "hc_post": (1.0, 1.0)})
     counts = torch.tensor([[[2, 1], [3, 0]], [[1, 1], [0, 2]]])
     cm = comm_model(counts, 256)
     rec = SimpleNamespace(stage="gate", sim_us=5.0, roofline_us=1.0, config_roofline_us=0.5,
                           ratio=5.0)
-    figs = [lp.plot_stacked_bars(bars, f"bars, {lat.SIM_SOURCE}", notes={"rank 0": "n"}),
-            lp.plot_stacked_bars(lat.add_segments(bars, {"dispatch (model)": [1, 2]}), "t",
+    figs = [lp.plot_stacked_bars(bars, f"bars, {sources.SIM_SOURCE}", notes={"rank 0": "n"}),
+            lp.plot_stacked_bars(lb.add_segments(bars, {"dispatch (model)": [1, 2]}), "t",
                                  hatched=("dispatch (model)",)),
             lp.plot_swimlane(table, "swim"), lp.plot_roofline([rec], "roof"),
             lp.plot_comm_model(cm, "comm", published_figures(["communication"])[:2]),
@@ -266,15 +270,15 @@ def test_tight_capacity_whatif_sizes_each_rank_by_its_rows(tiny_run):
 
     counts = torch.zeros(2, run.n_local, dtype=torch.int64)
     counts[0, 1], counts[1, 0] = 5, 2
-    calls = lat.tight_capacity_whatif(run, weights, counts, kernel=kernel)
+    calls = rl.tight_capacity_whatif(run, weights, counts, kernel=kernel)
     assert [c.aicore_us for c in calls] == [16.0, 16.0] and [c.rank for c in calls] == [0, 1]
     assert seen[0][0] == (run.n_local, 16, run.model.hidden_size)
-    assert lat.tight_capacity(counts, 4) == [8, 4]
-    assert lat.tight_capacity(torch.zeros(1, 3, dtype=torch.int64)) == [1]
-    assert [c.aicore_us for c in lat.tight_capacity_whatif(
+    assert rl.tight_capacity(counts, 4) == [8, 4]
+    assert rl.tight_capacity(torch.zeros(1, 3, dtype=torch.int64)) == [1]
+    assert [c.aicore_us for c in rl.tight_capacity_whatif(
         run, weights, counts, kernel=kernel, row_multiple=1)] == [5.0, 2.0]
     with pytest.raises(ValueError, match="row_multiple"):
-        lat.tight_capacity(counts, 0)
+        rl.tight_capacity(counts, 0)
     assert seen[1][1][0] == 2
     with pytest.raises(ValueError, match="recv_count"):
-        lat.tight_capacity_whatif(run, weights, counts[0], kernel=kernel)
+        rl.tight_capacity_whatif(run, weights, counts[0], kernel=kernel)

@@ -7,13 +7,14 @@ import torch
 
 from moe_kernels.analysis import ep_plots
 from moe_kernels.analysis import layout_views as lv
-from moe_kernels.analysis.extra_params import (
+from moe_kernels.analysis.params import (
+    ParameterError,
     validate_choice,
     validate_factor,
     validate_flag,
+    validate_params,
     validate_side_run,
 )
-from moe_kernels.analysis.params import ParameterError, validate_params
 from moe_kernels.analysis.plots import figure_png
 from moe_kernels.ep.examples import check_against_spec, worked_example
 

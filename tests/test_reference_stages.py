@@ -9,17 +9,16 @@ from moe_kernels.config import get_preset
 from moe_kernels.fixtures import make_tid2eid, quantized_weight
 from moe_kernels.numerics import quantize_rows_int8, ratio_reldiff
 from moe_kernels.reference.dispatch_combine import (
-    CapacityError,
-    combine_single,
     dispatch_single,
     reduce_routes,
+    scatter_routes,
 )
 from moe_kernels.reference.expert_routed import expert_routed
 from moe_kernels.reference.expert_shared import expert_shared
 from moe_kernels.reference.gate import gate, select_sort
 from moe_kernels.reference.hc_post import hc_post
 from moe_kernels.reference.hc_pre import hc_pre
-from moe_kernels.types import ExpertWeights
+from moe_kernels.types import CapacityError, ExpertWeights
 
 SEEDS = [0, 1, 2]
 # (preset, model overrides) -> tiny, and demo-width with fewer experts to stay fast
@@ -256,7 +255,10 @@ def test_combine_keeps_both_routes_of_a_duplicated_expert():
         for s in range(int(buf.count[e])):
             recv_y[e, s] = float(buf.route[e, s]) + 1.0
     sh = torch.full((2, d), 0.5, dtype=torch.bfloat16)
-    out = combine_single(recv_y, buf, sh, k)
+    n = buf.count.tolist()
+    rows = torch.cat([recv_y[e, :c] for e, c in enumerate(n)])
+    routes = torch.cat([buf.route[e, :c] for e, c in enumerate(n)])
+    out = reduce_routes(sh, scatter_routes(rows, routes, sh.shape[0] * k), k)
     assert out[0].tolist() == [0.5 + 1 + 2] * d      # routes 0 and 1 both kept
     assert out[1].tolist() == [0.5 + 3 + 4] * d
 

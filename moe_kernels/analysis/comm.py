@@ -61,6 +61,7 @@ from typing import Literal
 
 import torch
 
+from ..config import check_int
 from ..ep.layout import peer_channel_bytes, send_histogram
 from .published import DEEPEP_ASCEND_LL, DEEPEP_ASCEND_LL_SHAPE, DEEPEP_ASCEND_SOURCE
 
@@ -141,15 +142,10 @@ def _routes(counts: torch.Tensor) -> torch.Tensor:
     return counts.sum(dim=2) if counts.dim() == 3 else counts
 
 
-def _check_hidden(hidden: int) -> None:
-    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
-        raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
-
-
 def dispatch_bytes(counts: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
     """Bytes [R,R] (row = sender src, column = receiver dst) per dispatch channel, from
     counts[src, dst, e] (or routes [R,R]) and hidden size D. Includes the diagonal."""
-    _check_hidden(hidden)
+    check_int("hidden", hidden)
     per = peer_channel_bytes(_routes(counts), hidden)
     return {c: per[c] for c in DISPATCH_CHANNELS}
 
@@ -157,7 +153,7 @@ def dispatch_bytes(counts: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]
 def combine_bytes(counts: torch.Tensor, hidden: int) -> torch.Tensor:
     """Combine bytes [R,R] (row = sender = expert owner, column = origin rank): one BF16
     row of D per route, sent back from dst to src, i.e. transpose(routes) · 2·D."""
-    _check_hidden(hidden)
+    check_int("hidden", hidden)
     return peer_channel_bytes(_routes(counts), hidden)[COMBINE_CHANNEL]
 
 

@@ -10,8 +10,9 @@ from collections.abc import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from ..pto.swim import SwimTable
 from .comm import CommModel
-from .latency import StackedBars, SwimTable
+from .latency_bars import StackedBars
 from .plots import _legend, colour, new_figure
 from .published import PublishedFigure
 

@@ -4,13 +4,23 @@ value and the allowed values, before anything deep in the package runs."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..backend import BACKENDS
-from ..config import PRESETS, ROUTING_MODES, ConfigError, ModelConfig, RunConfig, get_preset
+from ..config import (
+    PRESETS,
+    ROUTING_MODES,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    get_preset,
+    is_int,
+)
 from ..paths import REPO_ROOT
+from ..stages import EP_STEP_STAGES
 
 TRANSPORTS: tuple[str, ...] = ("local", "gloo")
 
@@ -21,10 +31,6 @@ class ParameterError(ConfigError):
     def __init__(self, name: str, value: Any, allowed: str) -> None:
         self.name, self.value, self.allowed = name, value, allowed
         super().__init__(f"parameter {name}={value!r} is invalid; allowed: {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:
@@ -86,17 +92,17 @@ def validate_params(*, preset: str, ranks: int, batch: int, seq: int, seed: int,
     base = PRESETS[preset]
     e = base.n_routed_experts
     divisors = [r for r in range(1, e + 1) if e % r == 0]
-    if not _is_int(ranks) or ranks not in divisors:
+    if not is_int(ranks) or ranks not in divisors:
         raise ParameterError("ranks", ranks, f"a divisor of n_routed_experts ({e}) of "
                              f"preset {preset!r}: {divisors}")
     for name, v in (("batch", batch), ("seq", seq)):
-        if not _is_int(v) or v <= 0:
+        if not is_int(v) or v <= 0:
             raise ParameterError(name, v, "a positive integer")
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ParameterError("seed", seed, "an integer >= 0")
     if routing not in ROUTING_MODES:
         raise ParameterError("routing", routing, f"one of {list(ROUTING_MODES)}")
-    if topk is not None and (not _is_int(topk) or not 1 <= topk <= e):
+    if topk is not None and (not is_int(topk) or not 1 <= topk <= e):
         raise ParameterError("topk", topk, f"None (preset's {base.num_experts_per_tok}) or "
                              f"an integer in [1, {e}] (n_routed_experts of {preset!r})")
     if skew is not None and (not _is_num(skew) or skew < 0):
@@ -110,7 +116,7 @@ def validate_params(*, preset: str, ranks: int, batch: int, seq: int, seed: int,
         raise ParameterError("backend", backend, f"one of {list(BACKENDS)}")
     if redundant_slots is not None:
         max_red = e * (ranks - 1)
-        if (not _is_int(redundant_slots) or redundant_slots < 0
+        if (not is_int(redundant_slots) or redundant_slots < 0
                 or redundant_slots % ranks or redundant_slots > max_red):
             raise ParameterError("redundant_slots", redundant_slots,
                                  f"a multiple of ranks ({ranks}) in [0, {max_red}]")
@@ -138,3 +144,118 @@ def validate_params(*, preset: str, ranks: int, batch: int, seq: int, seed: int,
                           else float(capacity_factor),
                           transport=transport, backend=backend,
                           redundant_slots=redundant_slots, topk=topk)
+
+
+# --------------------------------------------------------------------------- extra checks
+def validate_flag(name: str, value: Any) -> bool:
+    """`value` if it is a bool, else ParameterError naming `name` and True / False."""
+    if not isinstance(value, bool):
+        raise ParameterError(name, value, "True or False")
+    return value
+
+
+def validate_factor(name: str, value: Any) -> float:
+    """`value` as a float if it is a finite number > 0, else ParameterError."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(float(value)) or not value > 0):
+        raise ParameterError(name, value, "a finite number > 0")
+    return float(value)
+
+
+def validate_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """`value` if it is one of `allowed`, else ParameterError naming `name` and them."""
+    if value not in allowed:
+        raise ParameterError(name, value, " | ".join(allowed))
+    return value
+
+
+def validate_side_run(prefix: str, **kwargs: Any) -> NotebookParams:
+    """`validate_params(**kwargs)` for a notebook's secondary run (e.g. the small pypto
+    comparison); a ParameterError names the parameter with `prefix` ('pypto_preset')."""
+    try:
+        return validate_params(**kwargs)
+    except ParameterError as exc:
+        raise ParameterError(f"{prefix}{exc.name}", exc.value, exc.allowed) from None
+
+
+# --------------------------------------------------------------------------- notebook 04
+#: Allowed values of the notebook's `messages` parameter (comm_model's `per`).
+MESSAGE_MODES: tuple[str, ...] = ("peer", "route")
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """Notebook 04's own parameters, validated."""
+
+    swim_stage: str
+    swim_rank: int
+    run_sweeps: bool
+    batch_sweep: tuple[int, ...]
+    ranks_sweep: tuple[int, ...]
+    dispatch_link: Any   # comm.LinkParams
+    combine_link: Any    # comm.LinkParams
+    messages: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-safe values for the figures manifest."""
+        return {"swim_stage": self.swim_stage, "swim_rank": self.swim_rank,
+                "run_sweeps": self.run_sweeps,
+                "batch_sweep": list(self.batch_sweep), "ranks_sweep": list(self.ranks_sweep),
+                "dispatch_gbps": self.dispatch_link.bandwidth_gbps,
+                "dispatch_latency_us": self.dispatch_link.latency_us,
+                "combine_gbps": self.combine_link.bandwidth_gbps,
+                "combine_latency_us": self.combine_link.latency_us,
+                "messages": self.messages}
+
+
+def _int_list(name: str, value: Any, ok: Callable[[int], bool], allowed: str
+              ) -> tuple[int, ...]:
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(is_int(v) and ok(v)
+                       for v in value) or len(set(value)) != len(value)):
+        raise ParameterError(name, value, f"a non-empty list of distinct {allowed}")
+    return tuple(sorted(int(v) for v in value))
+
+
+def _link(prefix: str, gbps: Any, latency_us: Any, default: Any) -> Any:
+    link = default
+    if gbps is not None:
+        link = replace(link, bandwidth_gbps=validate_factor(f"{prefix}_gbps", gbps),
+                       source="parameter")
+    if latency_us is not None:
+        if (isinstance(latency_us, bool) or not isinstance(latency_us, (int, float))
+                or not latency_us >= 0 or latency_us == float("inf")):
+            raise ParameterError(f"{prefix}_latency_us", latency_us,
+                                 "None (published default) or a finite number >= 0")
+        link = replace(link, latency_us=float(latency_us), source="parameter")
+    return link
+
+
+def validate_latency_options(*, ranks: int, n_experts: int, swim_stage: str,
+                             swim_rank: int, run_sweeps: bool, batch_sweep: Any,
+                             ranks_sweep: Any, dispatch_gbps: Any = None,
+                             dispatch_latency_us: Any = None, combine_gbps: Any = None,
+                             combine_latency_us: Any = None, messages: str = "peer"
+                             ) -> LatencyOptions:
+    """Check notebook 04's own parameters (after `validate_params`); a ParameterError
+    names the parameter, its value and the allowed values. `n_experts`: routed experts of
+    the SIM runs' preset (ranks_sweep must divide it). Link overrides left None keep
+    `comm`'s defaults (hardware figures; overheads fitted on DeepEP-Ascend EP8)."""
+    from .comm import COMBINE_LINK, DISPATCH_LINK
+    if swim_stage not in EP_STEP_STAGES:
+        raise ParameterError("swim_stage", swim_stage, f"one of {list(EP_STEP_STAGES)}")
+    if not is_int(swim_rank) or not 0 <= swim_rank < ranks:
+        raise ParameterError("swim_rank", swim_rank, f"an integer in [0, {ranks})")
+    run_sweeps = validate_flag("run_sweeps", run_sweeps)
+    b = _int_list("batch_sweep", batch_sweep, lambda v: v > 0, "positive integers")
+    divisors = [r for r in range(1, n_experts + 1) if n_experts % r == 0]
+    rk = _int_list("ranks_sweep", ranks_sweep, lambda v: v in divisors,
+                   f"divisors of n_routed_experts ({n_experts}): {divisors}")
+    if messages not in MESSAGE_MODES:
+        raise ParameterError("messages", messages, f"one of {list(MESSAGE_MODES)}")
+    return LatencyOptions(
+        swim_stage=swim_stage, swim_rank=swim_rank, run_sweeps=run_sweeps,
+        batch_sweep=b, ranks_sweep=rk,
+        dispatch_link=_link("dispatch", dispatch_gbps, dispatch_latency_us, DISPATCH_LINK),
+        combine_link=_link("combine", combine_gbps, combine_latency_us, COMBINE_LINK),
+        messages=messages)

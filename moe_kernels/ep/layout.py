@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import check_int
 from ..types import CapacityError
 
 #: Allowed values of the `overflow` argument.
@@ -149,17 +150,11 @@ def peer_channel_bytes(routes: torch.Tensor, d_model: int) -> dict[str, torch.Te
     accounting of `DispatchLayout.bytes_per_peer`: x_i8 D, scale / weight / r_route one
     PAD_BYTES tile each per route (origin -> owner); "combine" one BF16 row (2·D) per
     route, owner -> origin (the transpose)."""
-    if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model <= 0:
-        raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
+    check_int("d_model", d_model)
     routes = routes.to(torch.int64)
     return {"x_i8": routes * d_model, "scale": routes * PAD_BYTES,
             "weight": routes * PAD_BYTES, "r_route": routes * PAD_BYTES,
             "combine": routes.T.contiguous() * (2 * d_model)}
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def check_overflow_mode(overflow: str) -> None:
@@ -297,8 +292,8 @@ def compute_layout(indices: torch.Tensor, n_local: int, capacity: int,
                          f"{getattr(indices, 'shape', type(indices))}")
     if indices.dtype.is_floating_point or indices.dtype == torch.bool:
         raise ValueError(f"indices must have an integer dtype, got {indices.dtype}")
-    _check_int("n_local", n_local, 1)
-    _check_int("capacity", capacity, 1)
+    check_int("n_local", n_local)
+    check_int("capacity", capacity)
     check_overflow_mode(overflow)
     ranks, tokens, topk = indices.shape
     if ranks < 1:

@@ -15,38 +15,22 @@ from . import runtime as rt
 from .runtime import LatencyRecord
 from .tiling import divisor_tile
 
-#: hc_pre RMS tiles: 4 tokens x 4096 columns -> 32 tasks; Σx² is taken as hc·D/4096 chunk
-#: sums, each over a whole tile row, added in chunk order (a sum split across tiles made
-#: the model write FP32 partials to GM: 32 tasks of 15 us -> 4.5 us).
+# Tuning constants; what was measured for each is in docs/kernel-tuning.md.
+#: hc_pre RMS tiles: 4 tokens x one 4096-column chunk, so each row sum stays in one tile.
 TOKEN_TILE = 4
 RMS_COL_TILE = 4096
-#: x_mixed tiles: 32 tokens x 512 columns -> 32 tasks, one wave on 48 vector cores
-#: (16 x 512: 64 tasks, two waves, 70.3 -> 68.6 us for the kernel; the cost per task
-#: scales with its elements, 4x4096 / 8x2048 measured the same).
+#: x_mixed tiles: 32 tokens x 512 columns -> one wave of tasks on the 48 vector cores.
 COL_TILE = 512
 XMIX_TOKEN_TILE = 32
-#: hc_post vector tile [tokens, hc, columns]: 1 x 4 x 4096 -> 128 tasks of ~8.9 us in the
-#: 3-D form (measured at demo R=2: 4x1024 40.2 us, 2x2048 39.4, 1x4096 39.2; the 2-D form
-#: with one [16, 1] scalar load per (i, o) was 66.1 us at 16 x 512). Bigger tiles do not
-#: fit UB (the FP32 copy of all hc streams is 4x the output tile).
+#: hc_post tile [tokens, hc, columns] = 1 x hc x 4096: the largest that fits the unified
+#: buffer beside the FP32 copy of the hc streams.
 POST_TOKEN_TILE, POST_COL_TILE = 1, 4096
-#: hc_post tiles per vector task (pypto vec_nbuffer_setting): 128 tiles -> 43 tasks, one wave
-#: on 48 vector cores (1 per task: 128 tasks, three waves, 39.2 us; 2: 41.1; 3: 32.0; 4: 37.9).
+#: hc_post tiles merged per vector task: 128 tiles -> 43 tasks, one wave on 48 cores.
 POST_TILES_PER_TASK = 3
-#: Cube tiles for mix^T = fn_hl @ X^T, [2·mix_hc, hc·D] x [T, hc·D]^T, BF16 in, FP32 out:
-#: hc_fn is split on the host into BF16 hi + lo halves (fn = hi + lo to ~2^-17 relative),
-#: so the cube reads x_hc as it is (BF16) instead of an FP32 copy of x written by the
-#: vector cores (8 MB written + 8 MB read at demo). M = 2·mix = 48 rows in one tile,
-#: K 256 in L0 and MIX_CUBE_K1 per L1 fill with split-K: M·N is tiny and K = 16K long,
-#: so K chunks are what spread the work over the cube cores. N 16 x K1 4096 (8 x 4 tiles):
-#: fewer K chunks mean fewer partials for the split-K reduction, which the model runs as
-#: one vector task per N tile with one load per partial (N 64 / K1 1024: 14 us of
-#: reduction; N 16 / K1 4096: 3.4 us; kernel 94.0 -> 70.3 us). K0 256: L0A 24 KiB.
-#: (FP32 fn with an FP32 copy of x, M 16 / K1 2048: the kernel was 132.7 us; the split
-#: alone, N 64 / K1 1024: 92.4 us.)
+#: Mix matmul [2·mix, hc·D] x [T, hc·D]^T (hc_fn as BF16 hi + lo): one M tile, long K
+#: chunks so the split-K reduction has few partials.
 MIX_CUBE_M, MIX_CUBE_K, MIX_CUBE_N, MIX_CUBE_K1 = 48, 256, 16, 4096
-#: Merge scope (pypto sg_set_scope) of the Sinkhorn chain: its own vector task, so the
-#: x_mixed tasks (which need only `pre`) run beside it instead of after it (68.6 -> 55.9 us).
+#: Merge scope of the Sinkhorn chain: its own task, so x_mixed runs beside it.
 SINKHORN_SCOPE = 2
 
 

@@ -4,20 +4,16 @@ Per rank: T = batch·seq tokens, NL = n_local experts, each local expert receivi
 mean load ceil(T·K/NL) rows (a balanced layout), the rank packing and scattering all of
 its T·K routes. Each stage kernel runs once in SIM on seeded inputs of those shapes.
 
-bytes: what the stage must move to/from HBM at least (every input read once, every output
-written once; weights included). flops: matmul FLOPs 2·M·N·K (vector work is not counted;
-it is hidden under the memory time in every stage here).
+bytes, int8/fp FLOPs and vector ops are the stage's named cost formulas in the registry
+(`moe_kernels.stages`), the same ones the step model uses.
 roofline_us = max(bytes / BW, int8_flops / P_int8 + fp_flops / P_bf16): calibrated limits
 (moe_kernels.pto.calibrate, what the cost model sustains) and configured ones (pypto's
 lib/configs/A2A3.ini, see `configured_limits`). FP32 matmuls (hc_pre, gate) are counted at
 the BF16 peak: they are tiny and memory-bound.
 
-vec_ops / vec_roof_us (a separate, extra bound; roofline_us above is unchanged): the
-elementwise vector instructions the stage's math needs, one op per element per instruction
-(casts, mul/add, each reduction input, sigmoid as 3: exp, add, divide), at the calibrated
-FP32 vector throughput (moe_kernels.pto.calibrate.vector_calibration). On this model it
-exceeds the memory time for hc_pre, gate and hc_post; `bound_ratio` = sim_us / max(roofline_us,
-vec_roof_us).
+vec_roof_us (a separate, extra bound; roofline_us above is unchanged): the registry's vector
+ops at the calibrated FP32 vector throughput (moe_kernels.pto.calibrate.vector_calibration).
+`bound_ratio` = sim_us / max(roofline_us, vec_roof_us).
 """
 from __future__ import annotations
 
@@ -30,7 +26,9 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..fixtures import generator, make_inputs
+from ..fixtures import generator, make_gate_weights, make_inputs
+from ..stages import STAGE_NAMES, STAGES, StageShape, stage_cost
+from ..types import ExpertWeights
 from . import runtime as rt
 
 
@@ -134,28 +132,22 @@ def _pos(seed: int, name: str, *shape: int, scale: float = 1e-3) -> torch.Tensor
     return (torch.rand(*shape, generator=generator(seed, name)) + 0.5) * scale
 
 
-def _stage_cases(run: RunConfig, seed: int) -> list[tuple[str, Callable, int, int, int]]:
-    """(stage, thunk returning (outputs, LatencyRecord), bytes, int8_flops, fp_flops)."""
-    from . import ffn, gate, hc, routes
+def _stage_cases(run: RunConfig, seed: int) -> dict[str, Callable]:
+    """stage -> thunk running its kernel on seeded inputs of the per-rank shape of `run`,
+    returning (outputs, LatencyRecord)."""
     cfg = run.model
     t, d, i, hcm = run.tokens, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hc_mult
-    e, k, nl, mix = cfg.n_routed_experts, cfg.num_experts_per_tok, run.n_local, cfg.mix_hc
+    k, nl = cfg.num_experts_per_tok, run.n_local
     c = -(-t * k // nl)  # mean rows per local expert (balanced layout)
     n = t * k
     inp = make_inputs(RunConfig(cfg, batch=run.batch, seq=run.seq, ranks=1,
                                 routing=run.routing), seed)
     x_hc = inp.x_hc[0]
     ids = inp.input_ids[0]
-    hc_fn = torch.randn(mix, hcm * d, generator=generator(seed, "hc_fn")) * 0.06
-    hc_scale = torch.tensor([0.5, 0.5, 1.0])
-    hc_base = torch.zeros(mix)
+    gw = make_gate_weights(cfg, seed)   # hc_pre and gate weights, no experts
+    hc_fn, hc_scale, hc_base = gw.hc_fn, gw.hc_scale, gw.hc_base
     x_mixed = torch.randn(run.batch, run.seq, d, generator=generator(seed, "xm")).bfloat16()
-    norm_w = torch.ones(d)
-    gate_w = torch.randn(e, d, generator=generator(seed, "gate_w")) / math.sqrt(d)
-    gate_b = torch.zeros(e)
-    tid2eid = torch.stack([torch.randperm(e, generator=generator(seed, "tid2eid"))[:k]
-                           for _ in range(64)]).to(torch.int32)
-    ids = ids % tid2eid.shape[0]
+    norm_w, gate_w, gate_b, tid2eid = gw.norm_w, gw.gate_w, gw.gate_bias, gw.tid2eid
     xq = _i8(seed, "xq", t, d)
     xs = _pos(seed, "xs", t, 1, scale=0.02)
     wts = torch.full((t, k), 1.0 / k)
@@ -173,62 +165,23 @@ def _stage_cases(run: RunConfig, seed: int) -> list[tuple[str, Callable, int, in
     post = torch.rand(run.batch, run.seq, hcm) * 2
     comb = torch.rand(run.batch, run.seq, hcm, hcm) / hcm
     lim = cfg.swiglu_limit
-    ffn_w = 3 * i * d + (2 * i + d) * 4
-    return [
-        ("hc_pre", lambda: hc.hc_pre(x_hc, hc_fn, hc_scale, hc_base, cfg),
-         t * hcm * d * 2 + mix * hcm * d * 4 + t * d * 2 + t * (hcm + hcm * hcm) * 4,
-         0, 2 * t * hcm * d * mix),
-        ("gate", lambda: gate.gate(x_mixed, norm_w, gate_w, gate_b, tid2eid, ids, cfg,
-                                   run.routing),
-         t * d * 2 + d * 4 + e * d * 4 + e * 4 + t * 4 + t * d * (2 + 1) + t * 4 + t * k * 8
-         + (t * k * 4 if run.routing == "hash" else 0), 0, 2 * t * d * e),
-        ("expert_shared", lambda: ffn.expert_shared(
-            xq, xs, sw["w1"], _pos(seed, "s1", i), sw["w3"], _pos(seed, "s3", i), sw["w2"],
-            _pos(seed, "s2", d), lim),
-         ffn_w + t * (d + 4) + t * d * 2, 2 * t * (3 * i * d), 0),
-        ("pack_routes", lambda: routes.pack_routes(xq, xs, wts, perm),
-         2 * n * (d + 8) + n * 4, 0, 0),
-        ("expert_routed", lambda: ffn.expert_routed(
-            rx, rs, rwt, cnt, rw["w1"], _pos(seed, "rs1", nl, i), rw["w3"],
-            _pos(seed, "rs3", nl, i), rw["w2"], _pos(seed, "rs2", nl, d), lim),
-         nl * ffn_w + nl * c * (d + 8) + nl * c * d * 2, 2 * nl * c * (3 * i * d), 0),
-        ("scatter_routes", lambda: routes.scatter_routes(rows, perm, n),
-         2 * n * d * 2 + n * 8, 0, 0),
-        ("reduce_routes", lambda: routes.reduce_routes(sh, rows, k),
-         t * d * 2 + n * d * 2 + t * d * 2, 0, 0),
-        ("hc_post", lambda: hc.hc_post(sh.reshape(run.batch, run.seq, d), x_hc, post, comb),
-         t * d * 2 + 2 * t * hcm * d * 2 + t * (hcm + hcm * hcm) * 4, 0, 0),
-    ]
-
-
-def vector_ops(run: RunConfig) -> dict[str, int]:
-    """Elementwise vector ops per stage at the per-rank shapes of `run` (see module doc)."""
-    cfg = run.model
-    t, d, i, hcm = run.tokens, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hc_mult
-    k, nl = cfg.num_experts_per_tok, run.n_local
-    c = -(-t * k // nl)
-    hd = hcm * d
-    sig = 3                                    # sigmoid: exp, add, divide
-    q8 = 6                                     # abs, amax, scale mul, 3 casts
-    swiglu = 2 * 3 + sig + 2 + q8              # g, u: cast + 2 muls; silu·u; Q8(h)
+    kernels = {name: STAGES[name].kernel() for name in STAGE_NAMES}
     return {
-        # RMS: cast, square, sum over hc·D; x_mixed: per stream cast, mul, add; out cast;
-        # Sinkhorn: per iteration two normalisations of (sum, add eps, divide).
-        "hc_pre": 3 * t * hd + t * d * 3 * hcm + t * hcm * hcm * 6 * cfg.hc_sinkhorn_iters,
-        # RMS (cast, square, sum, 2 muls), bf16 + fp32 casts, Q8 of x_norm.
-        "gate": t * d * (5 + 2 + q8),
-        "expert_shared": t * i * swiglu + t * d * 4,          # y: cast, 2 muls, cast
-        "pack_routes": 0,
-        "expert_routed": nl * c * i * swiglu + nl * c * d * 5,  # y: also · routing weight
-        "scatter_routes": 0,
-        "reduce_routes": t * d * (2 * k + 2),                 # K+1 casts, K adds, 1 cast
-        # casts of f and the hc streams; per output stream: mul, hc (mul, add), cast.
-        "hc_post": t * d * (1 + hcm) + t * hcm * d * (2 * hcm + 2),
+        "hc_pre": lambda: kernels["hc_pre"](x_hc, hc_fn, hc_scale, hc_base, cfg),
+        "gate": lambda: kernels["gate"](x_mixed, norm_w, gate_w, gate_b, tid2eid, ids, cfg,
+                                        run.routing),
+        "expert_shared": lambda: kernels["expert_shared"](xq, xs, ExpertWeights(
+            sw["w1"], _pos(seed, "s1", i), sw["w3"], _pos(seed, "s3", i), sw["w2"],
+            _pos(seed, "s2", d)), lim),
+        "pack_routes": lambda: kernels["pack_routes"](xq, xs, wts, perm),
+        "expert_routed": lambda: kernels["expert_routed"](rx, rs, rwt, cnt, ExpertWeights(
+            rw["w1"], _pos(seed, "rs1", nl, i), rw["w3"], _pos(seed, "rs3", nl, i),
+            rw["w2"], _pos(seed, "rs2", nl, d)), lim),
+        "scatter_routes": lambda: kernels["scatter_routes"](rows, perm, n),
+        "reduce_routes": lambda: kernels["reduce_routes"](sh, rows, k),
+        "hc_post": lambda: kernels["hc_post"](sh.reshape(run.batch, run.seq, d), x_hc, post,
+                                              comb),
     }
-
-
-STAGES: tuple[str, ...] = ("hc_pre", "gate", "expert_shared", "pack_routes", "expert_routed",
-                           "scatter_routes", "reduce_routes", "hc_post")
 
 
 def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None = None
@@ -237,18 +190,20 @@ def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None =
     FLOPs, calibrated and configured rooflines). `stages` picks a subset (default all)."""
     if not isinstance(run, RunConfig):
         raise TypeError(f"run must be a RunConfig, got {type(run).__name__}")
-    wanted = STAGES if stages is None else tuple(stages)
-    unknown = set(wanted) - set(STAGES)
+    wanted = STAGE_NAMES if stages is None else tuple(stages)
+    unknown = set(wanted) - set(STAGE_NAMES)
     if unknown:
-        raise ValueError(f"stages must be a subset of {list(STAGES)}, got {sorted(unknown)}")
+        raise ValueError(f"stages must be a subset of {list(STAGE_NAMES)}, "
+                         f"got {sorted(unknown)}")
     cal, conf = calibrated_limits(), configured_limits()
     vec_rate = calibrated_vector_ops_per_s()
-    vops = vector_ops(run)
+    shape = StageShape.from_run(run)
+    cases = _stage_cases(run, seed)
     out = []
-    for name, thunk, nbytes, i8f, fpf in _stage_cases(run, seed):
-        if name not in wanted:
-            continue
-        _, lat = thunk()
+    for name in wanted:
+        cost = stage_cost(name, shape)
+        nbytes, i8f, fpf = cost.hbm_bytes, cost.int8_ops, cost.fp_flops
+        _, lat = cases[name]()
         if lat is None:
             raise RuntimeError(f"stage {name}: no SIM latency (not running in SIM mode)")
         out.append(StageRecord(
@@ -256,7 +211,7 @@ def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None =
             roofline_us=roofline_us(nbytes, i8f, fpf, cal),
             config_roofline_us=roofline_us(nbytes, i8f, fpf, conf), int8_flops=int(i8f),
             n_tasks=lat.n_tasks, utilization=lat.utilization, trace_path=lat.trace_path,
-            vec_ops=int(vops[name]), vec_roof_us=vops[name] / vec_rate * 1e6))
+            vec_ops=cost.vec_ops, vec_roof_us=cost.vec_ops / vec_rate * 1e6))
     return out
 
 

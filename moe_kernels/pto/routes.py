@@ -16,19 +16,12 @@ from . import runtime as rt
 from .runtime import LatencyRecord
 from .tiling import divisor_tile
 
-#: Rows per vector tile for the row gathers/scatters: 16 rows x 4096 INT8 = 64 KiB
-#: (BF16: 128 KiB at 4096 columns is too big, so BF16 row tiles use COL_TILE columns).
+# Tuning constants; what was measured for each is in docs/kernel-tuning.md.
+#: Rows per vector tile for row gathers/scatters: 16 x 4096 INT8 = 64 KiB.
 ROW_TILE = 16
-#: Columns per tile for BF16/FP32 rows: 16 x 2048 x 4 B = 128 KiB is the UB ceiling for one
-#: FP32 tile; 1024 keeps input + accumulator + output tiles within 192 KiB.
+#: Columns per BF16/FP32 tile: input, accumulator and output tiles fit 192 KiB of UB.
 COL_TILE = 1024
-#: Row tiles per vector task (pypto vec_nbuffer_setting {-2: 1, -1: n}: isomorphic vector
-#: subgraphs merged n to a task). These kernels are short copies whose time in the model is
-#: mostly per-task dispatch, so fewer, longer tasks win. Measured at demo R=2:
-#: pack_routes 48 tasks 7.72 us -> n=2: 24 tasks 3.67 us (n=3: 3.78, n=4: 4.32);
-#: scatter_routes 64 tasks 11.45 us -> n=3: 22 tasks 3.62 us (n=2: 5.24, 4: 4.03, 6: 4.85).
-#: reduce_routes keeps one tile per task (n=2: 8.74 -> 10.68 us, its tasks are not
-#: dispatch-bound).
+#: Row tiles merged per vector task: these short copies are dominated by per-task cost.
 PACK_TILES_PER_TASK, SCATTER_TILES_PER_TASK = 2, 3
 
 

@@ -35,15 +35,12 @@ from typing import Any
 import torch
 
 from ..paths import CACHE_DIR
+from .swim import CLOCK_MHZ, parse_swim_tasks
 
 #: The only pypto release whose private internals this module was written against.
 SUPPORTED_PYPTO_VERSION = "0.2.0"
 #: Env var overriding the cache folder (calculator build, quiet config, run outputs).
 CACHE_ENV = "MOE_KERNELS_PYPTO_CACHE"
-#: Clock used to turn simulated cycles into microseconds. pypto's draw_swim_lane.py is
-#: called by the simulator with --time_convert_denominator=1800 ("default 1.8GHz");
-#: A2A3.ini says cube_freq=1850, we keep 1800 so our numbers match pypto's own print.
-CLOCK_MHZ = 1800.0
 #: output_* run folders kept after each call (each 1-11 MB): enough for one stage report
 #: (8 kernels) so its trace paths stay valid for a notebook.
 KEEP_OUTPUT_DIRS = 12
@@ -298,9 +295,37 @@ def jit_options(verify: bool = True) -> dict[str, Any]:
     if run_mode_name() == "NPU":  # --- NPU path: untested in this repository ---
         return {"runtime_options": {"run_mode": pypto.RunMode.NPU}}
     if not verify:
-        return {"runtime_options": {"run_mode": pypto.RunMode.SIM}}
+        # explicit False: pypto keeps verify options process-wide, so a kernel without
+        # its own would inherit the interpreter from the last verified kernel
+        return {"runtime_options": {"run_mode": pypto.RunMode.SIM},
+                "verify_options": dict(_NO_VERIFY)}
     return {"runtime_options": {"run_mode": pypto.RunMode.SIM},
             "verify_options": {"enable_pass_verify": True, "pass_verify_pass_filter": []}}
+
+
+_NO_VERIFY = {"enable_pass_verify": False}
+_LATENCY_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def latency_only() -> Iterator[None]:
+    """Within the block, `launch` runs every kernel in the SIM cost model WITHOUT the CPU
+    interpreter (latency only: outputs stay unwritten, inputs may be torch.empty).
+
+    Why: the interpreter costs minutes per call at flash/pro shapes and needs real weights
+    (6-25 GiB); the cost model does not read tensor values. Thread-local, nestable.
+    """
+    prev = getattr(_LATENCY_ONLY, "on", False)
+    _LATENCY_ONLY.on = True
+    try:
+        yield
+    finally:
+        _LATENCY_ONLY.on = prev
+
+
+def latency_only_active() -> bool:
+    """True inside `latency_only()` (this thread)."""
+    return bool(getattr(_LATENCY_ONLY, "on", False))
 
 
 # --------------------------------------------------------------------------- latency
@@ -309,31 +334,16 @@ def parse_swim(folder: Path, kernel: str = "", clock_mhz: float = CLOCK_MHZ) -> 
     swim_path = Path(folder) / "CostModelSimulationOutput" / "_simulate.swim.json"
     if not swim_path.exists():
         raise FileNotFoundError(f"no simulator output at {swim_path}")
-    cores = json.loads(swim_path.read_text())
-    starts: list[int] = []
-    ends: list[int] = []
-    busy = 0
-    lanes = 0
-    all_end = 0
-    for core in cores:
-        tasks = core.get("tasks", [])
-        for t in tasks:
-            all_end = max(all_end, int(t["execEnd"]))
-        if core.get("coreType") not in ("AIC", "AIV") or not tasks:
-            continue
-        lanes += 1
-        for t in tasks:
-            starts.append(int(t["execStart"]))
-            ends.append(int(t["execEnd"]))
-            busy += int(t["execEnd"]) - int(t["execStart"])
-    if not starts:
-        raise RuntimeError(f"{swim_path} has no AIC/AIV tasks")
-    span = max(ends) - min(starts)
+    try:
+        table = parse_swim_tasks(swim_path, kernel=kernel, clock_mhz=clock_mhz)
+    except ValueError as exc:
+        raise RuntimeError(f"{swim_path}: {exc}") from None
+    span = table.span_cycles
     trace = Path(folder) / "merged_swimlane.json"
     return LatencyRecord(
         kernel=kernel, aicore_cycles=span, aicore_us=span / clock_mhz, clock_mhz=clock_mhz,
-        utilization=busy / (lanes * span) if span else 0.0, n_tasks=len(starts),
-        total_cycles_incl_sched=all_end, swim_path=str(swim_path),
+        utilization=table.utilization, n_tasks=len(table.tasks),
+        total_cycles_incl_sched=table.last_end_cycles, swim_path=str(swim_path),
         trace_path=str(trace if trace.exists() else swim_path), output_dir=str(folder))
 
 
@@ -396,7 +406,17 @@ def launch(kernel: Callable[..., None], *tensors: torch.Tensor, name: str = ""
         for host, d in zip(tensors, dev, strict=True):
             host.copy_(d.cpu())
         return None
-    kernel(*tensors)
+    if latency_only_active() and hasattr(kernel, "_verify_options"):
+        # pypto 0.2.0 JitCallableWrapper reads _verify_options on every call (compile
+        # runs per call), so swapping them for this call turns the interpreter off
+        saved = kernel._verify_options
+        kernel._verify_options = dict(_NO_VERIFY)
+        try:
+            kernel(*tensors)
+        finally:
+            kernel._verify_options = saved
+    else:
+        kernel(*tensors)
     folder = Path(pypto_impl.LogTopFolder())
     try:
         rec = parse_swim(folder, kernel=name)

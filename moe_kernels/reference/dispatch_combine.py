@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics import bf16_rint
-from ..types import CapacityError, RecvBuffers
+from ..types import CapacityError, PackedRoutes, RecvBuffers
 
 
 def dispatch_single(indices: torch.Tensor, x_i8: torch.Tensor, x_scale: torch.Tensor,
@@ -51,23 +51,26 @@ def dispatch_single(indices: torch.Tensor, x_i8: torch.Tensor, x_scale: torch.Te
     return buf
 
 
-def scatter_to_routes(recv_y: torch.Tensor, recv_route: torch.Tensor,
-                      recv_count: torch.Tensor, n_routes: int) -> torch.Tensor:
-    """routed_y_buf [n_routes, D] BF16: row r holds the expert output of route r.
+def pack_routes(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
+                weights: torch.Tensor, route_ids: torch.Tensor) -> PackedRoutes:
+    """Gather the four dispatch channels of routes `route_ids` [N] (token = route // K)."""
+    k = weights.shape[1]
+    r = route_ids.to(torch.int64)
+    tok = r // k
+    return PackedRoutes(x=torch.index_select(x_norm_i8, 0, tok),
+                        scale=torch.index_select(x_norm_scale.reshape(-1), 0, tok),
+                        weight=torch.index_select(weights.reshape(-1), 0, r),
+                        route=r.to(torch.int32))
 
-    Every route must be written exactly once; a missing or repeated route is an error.
-    """
-    d = recv_y.shape[-1]
-    out = torch.zeros(n_routes, d, dtype=recv_y.dtype)
-    seen = torch.zeros(n_routes, dtype=torch.int64)
-    for e, n in enumerate(recv_count.reshape(-1).tolist()):
-        rr = recv_route[e, :n].to(torch.int64)
-        out[rr] = recv_y[e, :n]
-        seen.index_add_(0, rr, torch.ones_like(rr))
-    if not bool((seen == 1).all()):
-        bad = torch.nonzero(seen != 1).flatten()[:5].tolist()
-        raise RuntimeError(f"routes written {seen[bad].tolist()} times at {bad}: "
-                           f"every route must be returned exactly once")
+
+def scatter_routes(rows: torch.Tensor, route_ids: torch.Tensor, n_routes: int) -> torch.Tensor:
+    """routed_y_buf [n_routes, D]: row route_ids[i] <- rows[i]; each route exactly once."""
+    r = route_ids.to(torch.int64)
+    if r.numel() != n_routes or not torch.equal(torch.sort(r).values, torch.arange(n_routes)):
+        raise RuntimeError(f"scatter_routes needs every route in [0, {n_routes}) exactly "
+                           f"once, got {r.numel()} rows")
+    out = torch.empty(n_routes, rows.shape[-1], dtype=rows.dtype)
+    out[r] = rows
     return out
 
 
@@ -79,10 +82,3 @@ def reduce_routes(sh: torch.Tensor, routed_y_buf: torch.Tensor, k: int) -> torch
     for j in range(k):
         acc = acc + ys[:, j]
     return bf16_rint(acc)
-
-
-def combine_single(recv_y: torch.Tensor, recv: RecvBuffers, sh: torch.Tensor,
-                   k: int) -> torch.Tensor:
-    """Single-card combine: scatter every expert row to its route, then reduce."""
-    buf = scatter_to_routes(recv_y, recv.route, recv.count, sh.shape[0] * k)
-    return reduce_routes(sh, buf, k)
