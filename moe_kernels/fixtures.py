@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .config import ModelConfig, RunConfig
+from .config import ConfigError, ModelConfig, RunConfig, check_seed
 from .numerics import quantize_rows_int8
 from .types import ExpertWeights
 
@@ -33,8 +33,7 @@ GATE_BIAS_STD = 0.02
 
 def generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator whose stream depends only on (seed, name)."""
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_seed(seed)
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
     return g
@@ -135,21 +134,59 @@ def make_gate_weights(cfg: ModelConfig, seed: int = 0) -> GateWeights:
         tid2eid=make_tid2eid(seed, cfg.vocab_size, e, k))
 
 
+#: Routed matrices per expert, in generation order: (name, rows, columns) as functions of
+#: (I, D). Each expert's matrix draws from its own generator "routed_<name>[<expert>]".
+_ROUTED = (("w1", "i", "d"), ("w3", "i", "d"), ("w2", "d", "i"))
+#: Fixture threads: torch releases the GIL in its kernels, so two threads halve the wall
+#: time on 2 cores; each tensor has its own generator, so the bytes do not depend on
+#: scheduling.
+GEN_WORKERS = 2
+
+
+def make_routed_weights(cfg: ModelConfig, seed: int = 0,
+                        experts: range | None = None) -> ExpertWeights:
+    """The routed weights of global experts `experts` (default all E), leading axis over
+    those experts: w1/w3 [n, I, D] INT8, w2 [n, D, I] INT8, scales [n, I] / [n, D] FP32.
+
+    Expert e's matrices depend only on (seed, e), so the shard of rank r,
+    range(r·NL, (r+1)·NL), equals the slice of the full tensors. Each expert is quantized
+    straight into a preallocated tensor: the peak is the INT8 result plus a few FP32
+    matrices per thread, never a second copy of all experts.
+    """
+    experts = range(cfg.n_routed_experts) if experts is None else experts
+    if experts.step != 1 or not 0 <= experts.start <= experts.stop <= cfg.n_routed_experts:
+        raise ConfigError(f"experts must be a contiguous range within [0, "
+                          f"{cfg.n_routed_experts}), got {experts}")
+    dims = {"i": cfg.moe_intermediate_size, "d": cfg.hidden_size}
+    n = len(experts)
+    out: dict[str, torch.Tensor] = {}
+    for name, rows, cols in _ROUTED:
+        out[name] = torch.empty(n, dims[rows], dims[cols], dtype=torch.int8)
+        out[f"{name}_scale"] = torch.empty(n, dims[rows], dtype=torch.float32)
+
+    def job(pos: int, name: str) -> None:
+        w = out[name]
+        q, s = quantized_weight(seed, f"routed_{name}[{experts.start + pos}]",
+                                w.shape[1], w.shape[2])
+        w[pos].copy_(q)
+        out[f"{name}_scale"][pos].copy_(s)
+
+    with ThreadPoolExecutor(max_workers=GEN_WORKERS) as pool:
+        for f in [pool.submit(job, pos, name) for pos in range(n) for name, _, _ in _ROUTED]:
+            f.result()
+    return ExpertWeights(**{f: out[f] for f in ExpertWeights._fields})
+
+
+def make_routed_shard(cfg: ModelConfig, seed: int, rank: int, n_local: int) -> ExpertWeights:
+    """Rank `rank`'s routed experts [rank·NL, (rank+1)·NL) alone: equal to
+    `make_weights(cfg, seed).routed_shard(rank, n_local)`, without the other experts."""
+    return make_routed_weights(cfg, seed, range(rank * n_local, (rank + 1) * n_local))
+
+
 def make_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
     """All layer weights for preset `cfg`, deterministic in `seed`."""
-    d, i_dim, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-    jobs = [(f"routed_{name}[{ex}]", n_out, k_in) for ex in range(e)
-            for name, n_out, k_in in (("w1", i_dim, d), ("w3", i_dim, d), ("w2", d, i_dim))]
-    # torch releases the GIL in its kernels: two threads halve the wall time on 2 cores,
-    # and each tensor has its own generator, so the bytes do not depend on scheduling.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        done = list(pool.map(lambda j: quantized_weight(seed, *j), jobs))
-    routed: dict[str, list[torch.Tensor]] = {n: [] for n in
-                                             ("w1", "w1_scale", "w3", "w3_scale", "w2", "w2_scale")}
-    for (name, _, _), (q, s) in zip(jobs, done, strict=True):
-        key = name.split("_", 1)[1].split("[")[0]
-        routed[key].append(q)
-        routed[f"{key}_scale"].append(s)
+    d, i_dim = cfg.hidden_size, cfg.moe_intermediate_size
+    routed = make_routed_weights(cfg, seed)
     sw1, sw1s = quantized_weight(seed, "shared_w1", i_dim, d)
     sw3, sw3s = quantized_weight(seed, "shared_w3", i_dim, d)
     sw2, sw2s = quantized_weight(seed, "shared_w2", d, i_dim)
@@ -157,7 +194,7 @@ def make_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
         **make_gate_weights(cfg, seed).to_dict(),
         shared_w1=sw1, shared_w1_scale=sw1s, shared_w3=sw3, shared_w3_scale=sw3s,
         shared_w2=sw2, shared_w2_scale=sw2s,
-        **{f"routed_{n}": torch.stack(v) for n, v in routed.items()})
+        **{f"routed_{n}": getattr(routed, n) for n in ExpertWeights._fields})
 
 
 def make_inputs(run: RunConfig, seed: int = 0) -> Inputs:

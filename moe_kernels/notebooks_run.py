@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
 from .paths import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -31,7 +32,7 @@ KERNEL_NAME = "python3"
 CELL_TIMEOUT_S = 600
 
 
-class NotebookRunError(ValueError):
+class NotebookRunError(ConfigError):
     """A notebook name or a sweep parameter is not valid (the message says what is)."""
 
 

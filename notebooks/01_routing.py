@@ -52,7 +52,7 @@ skew = 1.0               # Zipf exponent of the synthetic hot-expert skew, 0 for
 capacity_factor = 4.0    # receive capacity per expert is factor x mean load (RECV_SAFETY)
 redundant_slots = 4      # EPLB what-if: extra expert slots in total, a multiple of ranks
 seed = 0                 # fixtures and skew draws
-figures_dir = "figures"  # relative paths resolve against the repository root
+figures_dir = ".cache/figures-scratch"  # git-ignored scratch; `make run` passes figures/
 
 # %%
 p = validate_params(preset=preset, ranks=ranks, batch=batch, seq=seq, topk=topk,

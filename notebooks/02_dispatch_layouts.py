@@ -55,15 +55,16 @@ capacity_factor = 4.0    # receive capacity per expert is factor x mean load (RE
 overflow_capacity_factor = 1.0  # the overflow demo's reduced capacity, x mean load
 worked_example = False   # True: lay out the spec's §3.9 worked example instead
 seed = 0                 # fixtures and skew draws
-figures_dir = "figures"  # relative paths resolve against the repository root
+figures_dir = ".cache/figures-scratch"  # git-ignored scratch; `make run` passes figures/
 
 # %%
 p = validate_params(preset=preset, ranks=ranks, batch=batch, seq=seq, topk=topk,
                     routing=routing, skew=skew, capacity_factor=capacity_factor,
                     seed=seed, figures_dir=figures_dir)
 worked_example = validate_flag("worked_example", worked_example)
-overflow_capacity_factor = validate_factor("overflow_capacity_factor",
-                                           overflow_capacity_factor)
+overflow_capacity_factor = validate_factor(
+    "overflow_capacity_factor", overflow_capacity_factor,
+    p.model.n_routed_experts / p.model.num_experts_per_tok, ": E/K, a capacity of R·T rows")
 cfg, run = p.model, p.run
 print(f"preset {cfg.name}: D={cfg.hidden_size}, E={cfg.n_routed_experts} experts, "
       f"top-K={cfg.num_experts_per_tok}, {run.ranks} ranks x NL={run.n_local}, "

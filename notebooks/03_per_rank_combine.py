@@ -53,7 +53,7 @@ compare_pypto = False    # also run pypto vs torch on the small shape below (add
 pypto_preset = "tiny"    # preset of the pypto comparison (SIM is slow: keep it small)
 pypto_batch = 4          # batch per rank of the pypto comparison
 seed = 0                 # fixtures
-figures_dir = "figures"  # relative paths resolve against the repository root
+figures_dir = ".cache/figures-scratch"  # git-ignored scratch; `make run` passes figures/
 
 # %%
 p = validate_params(preset=preset, ranks=ranks, batch=batch, seq=seq, routing=routing,

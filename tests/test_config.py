@@ -25,7 +25,7 @@ def test_presets_are_frozen():
 
 
 def test_recv_capacity_override():
-    assert RunConfig(get_preset("tiny"), batch=2, seq=1, recv_capacity=3).recv_max == 3
+    assert RunConfig(get_preset("tiny"), batch=2, seq=2, recv_capacity=3).recv_max == 3
 
 
 @pytest.mark.parametrize("kwargs,needle", [

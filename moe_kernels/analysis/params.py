@@ -13,12 +13,15 @@ from ..backend import BACKENDS
 from ..config import (
     PRESETS,
     ROUTING_MODES,
+    SEED_LIMIT,
     ConfigError,
     ModelConfig,
     RunConfig,
     get_preset,
     is_int,
 )
+from ..limits import check_memory
+from ..outputs import check_output_dir
 from ..paths import REPO_ROOT
 from ..stages import EP_STEP_STAGES
 
@@ -72,7 +75,11 @@ def resolve_figures_dir(figures_dir: str | Path) -> Path:
     if not isinstance(figures_dir, (str, Path)) or not str(figures_dir).strip():
         raise ParameterError("figures_dir", figures_dir, "a non-empty path string")
     p = Path(figures_dir).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
+    p = p if p.is_absolute() else REPO_ROOT / p
+    try:  # a file, or an unwritable place, fails here in the first cell
+        return check_output_dir(p, "figures_dir")
+    except ConfigError as exc:
+        raise ParameterError("figures_dir", figures_dir, f"a writable folder ({exc})") from exc
 
 
 def validate_params(*, preset: str, ranks: int, batch: int, seq: int, seed: int,
@@ -98,8 +105,8 @@ def validate_params(*, preset: str, ranks: int, batch: int, seq: int, seed: int,
     for name, v in (("batch", batch), ("seq", seq)):
         if not is_int(v) or v <= 0:
             raise ParameterError(name, v, "a positive integer")
-    if not is_int(seed) or seed < 0:
-        raise ParameterError("seed", seed, "an integer >= 0")
+    if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ParameterError("seed", seed, "an integer >= 0 and < 2^63")
     if routing not in ROUTING_MODES:
         raise ParameterError("routing", routing, f"one of {list(ROUTING_MODES)}")
     if topk is not None and (not is_int(topk) or not 1 <= topk <= e):
@@ -107,9 +114,10 @@ def validate_params(*, preset: str, ranks: int, batch: int, seq: int, seed: int,
                              f"an integer in [1, {e}] (n_routed_experts of {preset!r})")
     if skew is not None and (not _is_num(skew) or skew < 0):
         raise ParameterError("skew", skew, "a finite number >= 0 (0 = no skew)")
-    if capacity_factor is not None and (not _is_num(capacity_factor)
-                                        or not capacity_factor > 0):
-        raise ParameterError("capacity_factor", capacity_factor, "a finite number > 0")
+    if capacity_factor is not None:
+        validate_factor("capacity_factor", capacity_factor, max_capacity_factor(
+            e, base.num_experts_per_tok if topk is None else topk),
+            ": E/K, where the capacity reaches R·T rows, all that can arrive")
     if transport is not None and transport not in TRANSPORTS:
         raise ParameterError("transport", transport, f"one of {list(TRANSPORTS)}")
     if backend is not None and backend not in BACKENDS:
@@ -134,6 +142,8 @@ def validate_params(*, preset: str, ranks: int, batch: int, seq: int, seed: int,
                                                        * capacity_factor))
         run = RunConfig(model=model, batch=batch, seq=seq, ranks=ranks, routing=routing,
                         **kw)
+        if transport is not None:  # this notebook runs the layer (and its reference)
+            check_memory(run, transport=transport, check=True)
     except ParameterError:
         raise
     except ConfigError as exc:  # config.py's own checks; its message names the field
@@ -154,12 +164,22 @@ def validate_flag(name: str, value: Any) -> bool:
     return value
 
 
-def validate_factor(name: str, value: Any) -> float:
-    """`value` as a float if it is a finite number > 0, else ParameterError."""
+def validate_factor(name: str, value: Any, maximum: float | None = None,
+                    why: str = "") -> float:
+    """`value` as a float if it is a finite number > 0 (and <= maximum), else
+    ParameterError naming the limit and `why`."""
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not math.isfinite(float(value)) or not value > 0):
         raise ParameterError(name, value, "a finite number > 0")
+    if maximum is not None and value > maximum:
+        raise ParameterError(name, value, f"a number in (0, {maximum:g}]{why}")
     return float(value)
+
+
+def max_capacity_factor(n_experts: int, topk: int) -> float:
+    """E/K: the factor whose capacity T·K/NL·factor equals R·T, the most rows an expert
+    can receive; a larger factor only allocates rows that can never be filled."""
+    return n_experts / topk
 
 
 def validate_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..paths import CACHE_DIR
+from .side_files import check_cache_folder, redirect_side_files
 from .swim import CLOCK_MHZ, parse_swim_tasks
 
 #: The only pypto release whose private internals this module was written against.
@@ -83,6 +84,11 @@ def cache_dir() -> Path:
     """$MOE_KERNELS_PYPTO_CACHE, else <project root>/.cache/pypto (read on every call)."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser().resolve() if env else CACHE_DIR / "pypto"
+
+
+def check_cache_dir() -> Path:
+    """The cache folder, created and probed; ConfigError naming CACHE_ENV if it cannot be."""
+    return check_cache_folder(cache_dir(), CACHE_ENV)
 
 
 def output_root() -> Path:
@@ -247,7 +253,7 @@ def ensure_ready() -> ModuleType:
     with _SETUP_LOCK:
         if key in _READY_FOR:
             return _READY_FOR[key]
-        cache.mkdir(parents=True, exist_ok=True)
+        check_cache_dir()
         output_root().mkdir(parents=True, exist_ok=True)
         cfg = write_quiet_config(cache)
         if "pypto" in sys.modules and os.environ.get("TILEFWK_CONFIG_PATH") != str(cfg):
@@ -256,6 +262,7 @@ def ensure_ready() -> ModuleType:
                           "the quiet simulator config may not apply", RuntimeWarning, 2)
         os.environ["TILEFWK_CONFIG_PATH"] = str(cfg)
         os.environ["TILE_FWK_OUTPUT_DIR"] = str(output_root())
+        redirect_side_files(cache)
         root_level = logging.getLogger().level
         import pypto
         # importing pypto lowers the root logger to DEBUG, flooding notebooks with every
