@@ -2,7 +2,8 @@
 routed experts. This is the contract the EP program must match bit for bit."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from .config import RunConfig
 from .fixtures import Inputs, Weights
 from .reference.dispatch_combine import dispatch_single
 
+if TYPE_CHECKING:  # annotation only: ep imports this module at run time
+    from .ep.layout import DispatchLayout
+
 #: Per-rank intermediate tensors recorded for every run (the dump's `stages`).
 STAGE_KEYS: tuple[str, ...] = ("x_mixed", "post", "comb", "x_norm", "x_norm_i8",
                                "x_norm_scale", "indices", "weights", "sh", "ffn_out")
@@ -18,12 +22,17 @@ STAGE_KEYS: tuple[str, ...] = ("x_mixed", "post", "comb", "x_norm", "x_norm_i8",
 
 @dataclass
 class LayerResult:
-    """x_next [R,B,S,hc,D] BF16 and the per-rank stage tensors (leading rank axis)."""
+    """x_next [R,B,S,hc,D] BF16 and the per-rank stage tensors (leading rank axis).
+
+    EP runs also carry `layout` (where every route went) and `dropped` [R,NL] (routes
+    beyond capacity, zeros unless overflow="drop"); both are None for the single card.
+    """
 
     run: RunConfig
     x_next: torch.Tensor
     stages: dict[str, torch.Tensor]
-    extra: dict[str, object] = field(default_factory=dict)
+    layout: DispatchLayout | None = None
+    dropped: torch.Tensor | None = None
 
     def expert_load(self) -> torch.Tensor:
         """Routes per global expert, summed over ranks: [E] INT64."""

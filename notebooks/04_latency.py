@@ -142,7 +142,7 @@ started = time.perf_counter()
 s_weights = make_weights(scfg, seed)
 s_inputs = make_inputs(srun, seed)
 per = rl.run_ep_per_rank(srun, s_inputs, s_weights, keep_swim=(opt.swim_stage,))
-s_layout = per.result.extra["layout"]
+s_layout = per.result.layout
 bars = lb.per_rank_stage_bars(per.calls, R)
 recv = s_layout.recv_count.sum(dim=1).tolist()
 print(f"{len(per.calls)} kernel calls in {time.perf_counter() - started:.0f} s")

@@ -21,7 +21,7 @@ def assert_same_result(a, b, layouts: bool = False) -> None:
     for k in STAGE_KEYS:
         assert same_bytes(a.stages[k], b.stages[k]), k
     if layouts:
-        la, lb = a.extra["layout"].to_dump(), b.extra["layout"].to_dump()
+        la, lb = a.layout.to_dump(), b.layout.to_dump()
         for k in la:
             assert torch.equal(la[k], lb[k]), k
-        assert torch.equal(a.extra["dropped"], b.extra["dropped"])
+        assert torch.equal(a.dropped, b.dropped)

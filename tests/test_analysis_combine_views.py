@@ -53,7 +53,7 @@ def test_pushback_walk_is_the_spec_combine_on_rank_0() -> None:
 
 def test_every_route_is_returned_exactly_once(tiny_step) -> None:
     run, _, _, _, ep = tiny_step
-    lay = ep.extra["layout"]
+    lay = ep.layout
     seen = sorted((r.origin, r.r_route) for o in range(run.ranks)
                   for r in cv.pushback_rows(lay, o))
     k = run.model.num_experts_per_tok
@@ -120,7 +120,7 @@ def test_agreement_per_rank_and_comparisons(tiny_step) -> None:
 
 def test_combine_plots_render(tiny_step) -> None:
     run, inputs, weights, _, ep = tiny_step
-    rs = cv.row_sources(ep.extra["layout"])
+    rs = cv.row_sources(ep.layout)
     c = ag.compare("x", ep.x_next, ep.x_next)
     for fig in (ep_plots.plot_row_sources(rs.owner, rs.expert, "rows"),
                 ep_plots.plot_agreement([c, c], "agreement"),

@@ -118,7 +118,7 @@ def test_run_ep_per_rank_attributes_every_call(tiny_run, tmp_path):
     for r in range(run.ranks):
         assert [c.stage for c in per.calls if c.rank == r] == stages
     assert [c.index for c in per.calls] == list(range(len(per.calls)))
-    recv = per.result.extra["layout"].recv_count.sum(dim=1)
+    recv = per.result.layout.recv_count.sum(dim=1)
     bars = lb.per_rank_stage_bars(per.calls, run.ranks)
     assert bars.categories == ("rank 0", "rank 1")
     assert list(bars.segments) == stages                   # program order, no scatter

@@ -14,7 +14,9 @@ from bitwise import assert_same_result, same_bytes
 
 from moe_kernels.config import RunConfig, get_preset
 from moe_kernels.ep import CapacityError, run_ep_layer
-from moe_kernels.ep.dist import DistTimeoutError, SpawnedWorld
+from moe_kernels.ep.dist import DistTimeoutError
+from moe_kernels.ep.faults import FaultyBackends
+from moe_kernels.ep.procs import SpawnedWorld
 from moe_kernels.fixtures import make_inputs, make_weights
 from moe_kernels.layer import reference_layer
 
@@ -52,8 +54,8 @@ def tiny_run(ranks: int, routing: str = "hash", **kw) -> RunConfig:
 def test_gloo_equals_local_and_reference(world, weights, routing: str) -> None:
     run = tiny_run(2, routing)
     inputs = make_inputs(run, seed=5)
-    g1 = world.run_layer(run, inputs, weights)
-    g2 = world.run_layer(run, inputs, weights)
+    g1 = run_ep_layer(run, inputs, weights, transport=world)
+    g2 = run_ep_layer(run, inputs, weights, transport=world)
     local = run_ep_layer(run, inputs, weights, transport="local")
     assert_same_result(g1, local, layouts=True)
     assert_same_result(g1, g2, layouts=True)
@@ -64,24 +66,24 @@ def test_gloo_equals_local_and_reference(world, weights, routing: str) -> None:
 def test_gloo_poison_gives_identical_bytes(world, weights) -> None:
     run = tiny_run(2)
     inputs = make_inputs(run, seed=6)
-    assert_same_result(world.run_layer(run, inputs, weights, poison=True),
-                       world.run_layer(run, inputs, weights), layouts=True)
+    assert_same_result(run_ep_layer(run, inputs, weights, transport=world, poison=True),
+                       run_ep_layer(run, inputs, weights, transport=world), layouts=True)
 
 
 def test_gloo_drop_mode_equals_local(world, weights) -> None:
     run = tiny_run(2, recv_capacity=2)
     inputs = make_inputs(run)
-    g = world.run_layer(run, inputs, weights, overflow="drop")
-    assert int(g.extra["dropped"].sum()) > 0
+    g = run_ep_layer(run, inputs, weights, transport=world, overflow="drop")
+    assert int(g.dropped.sum()) > 0
     assert_same_result(g, run_ep_layer(run, inputs, weights, overflow="drop"), layouts=True)
 
 
 def test_gloo_capacity_error_keeps_the_world(world, weights) -> None:
     run = tiny_run(2, recv_capacity=2)
     with pytest.raises(CapacityError, match=r"rank \d.*count=\d+.*capacity=2"):
-        world.run_layer(run, make_inputs(run), weights)
+        run_ep_layer(run, make_inputs(run), weights, transport=world)
     ok = tiny_run(2)
-    world.run_layer(ok, make_inputs(ok), weights)  # still usable
+    run_ep_layer(ok, make_inputs(ok), weights, transport=world)  # still usable
 
 
 def test_run_ep_layer_gloo_four_ranks(weights) -> None:
@@ -100,7 +102,8 @@ def test_rank_that_never_arrives_times_out_and_leaves_no_process(weights) -> Non
         pids = w.pids
         t0 = time.monotonic()
         with pytest.raises(DistTimeoutError, match=r"timeout 3 s.*rank 0.*ranks \[1\] never"):
-            w.run_layer(run, inputs, weights, fault=(1, "hang"))
+            run_ep_layer(run, inputs, weights, transport=w,
+                         backend=FaultyBackends(rank=1, kind="hang"))
         elapsed = time.monotonic() - t0
     assert elapsed < timeout + 10, elapsed
     assert not any(alive(p) for p in pids)

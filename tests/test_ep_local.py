@@ -45,9 +45,9 @@ def test_tiny_matches_reference_bit_for_bit(tiny_weights, ranks: int, routing: s
     ep = run_ep_layer(run, inputs, tiny_weights)
     assert ep.x_next.shape == (ranks, 4, 2, 4, 256)
     assert_same_result(ep, ref)
-    assert ep.extra["dropped"].shape == (ranks, run.n_local)
-    assert int(ep.extra["dropped"].sum()) == 0
-    assert ep.extra["layout"].capacity == run.recv_max
+    assert ep.dropped.shape == (ranks, run.n_local)
+    assert int(ep.dropped.sum()) == 0
+    assert ep.layout.capacity == run.recv_max
 
 
 @pytest.mark.parametrize("routing, batch", [("hash", 64), ("sort", 16)])
@@ -77,8 +77,8 @@ def test_layout_is_compute_layout_and_runs_are_reproducible(tiny_weights) -> Non
     assert_same_result(a, b)
     lay = compute_layout(a.stages["indices"], run.n_local, run.recv_max)
     for k, v in lay.to_dump().items():
-        assert torch.equal(v, a.extra["layout"].to_dump()[k]), k
-        assert torch.equal(v, b.extra["layout"].to_dump()[k]), k
+        assert torch.equal(v, a.layout.to_dump()[k]), k
+        assert torch.equal(v, b.layout.to_dump()[k]), k
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -117,11 +117,11 @@ def test_drop_mode_counts_drops_and_zeroes_their_contribution(tiny_weights) -> N
     inputs = make_inputs(run)
     ep = run_ep_layer(run, inputs, tiny_weights, overflow="drop")
     ref = reference_layer(run, inputs, tiny_weights)
-    lay = ep.extra["layout"]
+    lay = ep.layout
     total = lay.counts.sum(0)
-    assert torch.equal(ep.extra["dropped"], torch.clamp(total - cap, min=0))
-    assert int(ep.extra["dropped"].sum()) > 0
-    assert int((lay.slot < 0).sum()) == int(ep.extra["dropped"].sum())
+    assert torch.equal(ep.dropped, torch.clamp(total - cap, min=0))
+    assert int(ep.dropped.sum()) > 0
+    assert int((lay.slot < 0).sum()) == int(ep.dropped.sum())
     # tokens with no dropped route are exactly the reference; the others lose only the
     # dropped routes (checked against the full-capacity EP run's routed outputs below)
     hit = (lay.slot < 0).any(-1).reshape(2, run.batch, run.seq)

@@ -143,9 +143,27 @@ def run_ep_per_rank(run: Any, inputs: Any, weights: Any,
         from ..pto.backend import PyptoBackend
         make_backend = PyptoBackend
     recorder = RankRoutingBackend(run.ranks, make_backend, keep_swim)
-    tagged = RankTaggingTransport(transport or LocalTransport(), recorder)
-    result = run_ep_layer(run, inputs, weights, transport=tagged, backend=recorder)
+    # one backend per rank (run_ep_layer's per-rank backends): each tags its own calls
+    backends = [_RankBackend(recorder, r) for r in range(run.ranks)]
+    result = run_ep_layer(run, inputs, weights, transport=transport or LocalTransport(),
+                          backend=backends)
     return PerRankRun(result=result, calls=list(recorder.calls))
+
+
+class _RankBackend:
+    """Rank `rank`'s backend: forwards each stage call to `recorder` tagged with rank."""
+
+    def __init__(self, recorder: RankRoutingBackend, rank: int) -> None:
+        self.recorder, self.rank, self.name = recorder, rank, recorder.name
+
+    def __getattr__(self, stage: str) -> Callable[..., Any]:
+        if stage.startswith("_") or stage not in STAGE_NAMES:
+            raise AttributeError(stage)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.recorder.rank = self.rank
+            return self.recorder._call(stage, *args, **kwargs)
+        return call
 
 
 #: Row multiple of the tight what-if capacity: 16 is the cube unit's fractal height, and a

@@ -1,15 +1,19 @@
 """Expert-parallel MoE program: dispatch layout, window protocol, transports (spec §3).
 
-Public entry points: `compute_layout` / `DispatchLayout` (ep.layout), `run_ep_layer`
-and `TRANSPORTS` (ep.program), `LocalTransport` (ep.local), `SymmetricWindows`
-(ep.windows), and `run_under_torchrun` / `SpawnedWorld` (ep.dist, imported on demand).
+Modules: layout (DispatchLayout, pure), transport (the interface: TRANSPORTS, EpStep,
+RankComm, DispatchHandle, Transport), rank (one rank's program), program (run_ep_layer),
+local (in-process window model: LocalTransport), buffer (EpBuffer: collectives over
+torch.distributed), dist (RankSession, TorchrunTransport), procs (SpawnedWorld, the
+gloo process manager; imported on demand), faults (test hooks).
 Importing this package has no side effects and spawns nothing.
 """
 from ..types import CapacityError
 from .layout import DispatchLayout, compute_layout
 from .local import LocalTransport
-from .program import TRANSPORTS, run_ep_layer
+from .program import run_ep_layer
+from .transport import TRANSPORTS, DispatchHandle, EpStep
 from .windows import SymmetricWindows, WindowTimeoutError
 
-__all__ = ["CapacityError", "DispatchLayout", "compute_layout", "LocalTransport",
-           "TRANSPORTS", "run_ep_layer", "SymmetricWindows", "WindowTimeoutError"]
+__all__ = ["CapacityError", "DispatchLayout", "DispatchHandle", "EpStep", "compute_layout",
+           "LocalTransport", "TRANSPORTS", "run_ep_layer", "SymmetricWindows",
+           "WindowTimeoutError"]

@@ -1,6 +1,8 @@
 """Per-rank timing bodies for benchmarks/bench_ep_exchange.py, run inside a SpawnedWorld.
 
 They live in the package (not the script) so that spawned children can import them.
+The exchange needs only each rank's gate outputs (x_norm_i8, x_norm_scale, top-k indices
+and weights), so they are synthesised here: no hc / gate / expert weights are built.
 Each repetition is bracketed by barriers; a repetition's time is the slowest rank's.
 """
 from __future__ import annotations
@@ -13,13 +15,30 @@ import torch.distributed as dist
 
 from ..backend import TorchBackend
 from ..config import RunConfig
-from ..fixtures import Inputs, Weights
-from ..layer import front_stages
-from .dist import DistComm, run_rank
-from .layout import PAD_BYTES, plan_rank, route_targets, send_histogram, send_order
-from .program import window_shape
+from ..types import GateOut
+from .buffer import EpBuffer
+from .layout import PAD_BYTES, plan_rank, send_histogram
+from .plan import count_routes, finish_plan, presort
 from .rank import run_to_end
+from .transport import window_shape
 from .wire import dispatch_row_bytes
+
+#: Names of the phases `exchange_rank` times, in order.
+PHASES: tuple[str, ...] = ("pack (counts out, presort, wire pack)", "counts wait + plan",
+                           "dispatch (a2a, unpack)", "combine (gather, a2a, gather)")
+
+
+def synthetic_gate(run: RunConfig, rank: int, seed: int = 0) -> GateOut:
+    """Rank `rank`'s gate outputs with uniform random top-k experts (distinct per
+    token, like hash routing's expectation): what the exchange moves, nothing else."""
+    cfg = run.model
+    g = torch.Generator().manual_seed(seed * 1009 + rank)
+    t, d, k, e = run.tokens, cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    indices = torch.rand(t, e, generator=g).topk(k, dim=1).indices.to(torch.int32)
+    return GateOut(x_norm=torch.zeros(0),
+                   x_norm_i8=torch.randint(-127, 128, (t, d), generator=g, dtype=torch.int8),
+                   x_norm_scale=torch.rand(t, 1, generator=g) / 127,
+                   indices=indices, weights=torch.rand(t, k, generator=g))
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -32,42 +51,47 @@ def _timed(fn: Callable[[], object]) -> float:
     return float(dt)
 
 
-def exchange_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,
-                  reps: int, warmup: int) -> dict[str, object]:
-    """Time EP dispatch+combine (counts all_gather, plan, pack, 1 all_to_all each way,
-    unpack, gather by route) against two bare all_to_all_single calls moving the same
-    wire bytes per peer (D + 16 per route out, 2·D back), with and without a blocking
-    all_gather of the count histogram in front; all three interleaved, same buffers
-    sizes, same processes."""
-    be = TorchBackend()
-    shape = window_shape(run)
-    st = front_stages(run, inputs.x_hc[rank], inputs.input_ids[rank], weights, be)
-    comm = DistComm(rank, shape, be)
-    hist = send_histogram(st["indices"], shape.n_local, shape.ranks)
+def exchange_rank(rank: int, run: RunConfig, reps: int, warmup: int,
+                  seed: int = 0) -> dict[str, object]:
+    """Time EP dispatch+combine (route targets, count all_gather, wire pack, plan, one
+    all_to_all_single each way, unpack, gather by route: the exchange part of
+    rank.rank_program, in its order) against two bare all_to_all_single calls moving the
+    same wire bytes per peer (D + 16 per route out, 2·D back), with and without a
+    blocking all_gather of the count histogram in front; interleaved, same processes."""
+    be, shape = TorchBackend(), window_shape(run)
+    gate = synthetic_gate(run, rank, seed)
+    buf = EpBuffer(rank, shape)
     recv_y = torch.randn(shape.n_local, shape.capacity, shape.d_model).to(torch.bfloat16)
+    nl, r_, cap = shape.n_local, shape.ranks, shape.capacity
 
-    dst, e = route_targets(st["indices"], shape.n_local, shape.ranks)
+    def ep_exchange(stamps: list[float] | None = None) -> None:
+        counts = count_routes(gate.indices, nl, r_)
+        buf.publish_counts(counts.hist_t)
+        pre = presort(rank, counts)
+        packed = buf.pack(be, gate.x_norm_i8, gate.x_norm_scale, gate.weights, pre.order_t)
+        if stamps is not None:
+            stamps.append(time.perf_counter())
+        table = run_to_end(buf.collect_counts())
+        plan = finish_plan(pre, table, cap)
+        if stamps is not None:
+            stamps.append(time.perf_counter())
+        recv, handle = run_to_end(buf.dispatch(plan, packed))
+        if stamps is not None:
+            stamps.append(time.perf_counter())
+        run_to_end(buf.combine(recv_y, handle))
+        if stamps is not None:
+            stamps.append(time.perf_counter())
 
-    def ep_exchange() -> None:  # the exchange part of rank.rank_program, verbatim order
-        comm.publish_counts(hist)
-        packed = be.pack_routes(st["x_norm_i8"], st["x_norm_scale"], st["weights"],
-                                send_order(dst * shape.n_local + e))
-        table = run_to_end(comm.collect_counts())
-        plan = plan_rank(rank, st["indices"], table, shape.capacity)
-        recv = run_to_end(comm.dispatch(plan, packed))
-        run_to_end(comm.combine(plan, recv_y, recv.route))
-
-    comm.publish_counts(hist)
-    table = run_to_end(comm.collect_counts())
-    plan = plan_rank(rank, st["indices"], table, shape.capacity)
-    # the bound moves exactly EP's wire bytes: D + 16 per route out, 2·D back
+    hist = send_histogram(gate.indices, nl, r_)
+    buf.publish_counts(hist)
+    plan = plan_rank(rank, gate.indices, run_to_end(buf.collect_counts()), cap)
     out_b, back_b = dispatch_row_bytes(shape.d_model), 2 * shape.d_model
     send_split, recv_split = plan.send_split.tolist(), plan.recv_split.tolist()
     d_send = torch.randint(0, 255, (sum(send_split) * out_b,), dtype=torch.uint8)
     d_recv = torch.empty(sum(recv_split) * out_b, dtype=torch.uint8)
     c_send = torch.randint(0, 255, (sum(recv_split) * back_b,), dtype=torch.uint8)
     c_recv = torch.empty(sum(send_split) * back_b, dtype=torch.uint8)
-    h_parts = [torch.empty_like(hist) for _ in range(shape.ranks)]
+    h_parts = list(torch.empty(r_, *hist.shape, dtype=hist.dtype).unbind(0))
 
     def a2a_bound() -> None:
         dist.all_to_all_single(d_recv, d_send, [n * out_b for n in recv_split],
@@ -81,17 +105,7 @@ def exchange_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,
 
     def phases() -> list[float]:  # this rank's seconds per phase of one exchange
         t = [time.perf_counter()]
-        comm.publish_counts(hist)
-        packed = be.pack_routes(st["x_norm_i8"], st["x_norm_scale"], st["weights"],
-                                send_order(dst * shape.n_local + e))
-        t.append(time.perf_counter())
-        table = run_to_end(comm.collect_counts())
-        plan = plan_rank(rank, st["indices"], table, shape.capacity)
-        t.append(time.perf_counter())
-        recv = run_to_end(comm.dispatch(plan, packed))
-        t.append(time.perf_counter())
-        run_to_end(comm.combine(plan, recv_y, recv.route))
-        t.append(time.perf_counter())
+        ep_exchange(t)
         return [b - a for a, b in zip(t, t[1:], strict=False)]
 
     for _ in range(warmup):
@@ -106,19 +120,7 @@ def exchange_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,
         dist.barrier()
         phase_t.append(phases())
     return {"ep": ep_t, "a2a": a2a_t, "a2a_counts": a2a_c_t, "phases": phase_t,
-            "phase_names": ["pack (backend.pack_routes)", "counts wait + plan",
-                            "dispatch (wire pack, a2a, unpack)",
-                            "combine (gather, a2a, gather by route)"],
+            "phase_names": list(PHASES),
             "send_routes": send_split, "recv_routes": recv_split,
             "bytes_out": sum(send_split) * out_b, "bytes_back": sum(recv_split) * back_b,
             "row_bytes": out_b, "spec_row_bytes": shape.d_model + 3 * PAD_BYTES}
-
-
-def layer_rank(rank: int, run: RunConfig, inputs: Inputs, weights: Weights,
-               reps: int) -> list[float]:
-    """Seconds of the whole EP layer step (this transport), max over ranks, per rep."""
-    out = []
-    for _ in range(reps):
-        out.append(_timed(lambda: run_rank(rank, run, inputs, weights, "torch", False,
-                                           "error")))
-    return out

@@ -10,13 +10,15 @@ signals, so its peers' waits time out with WindowTimeoutError).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 
 import torch
 
+from ..backend import StageBackend
 from ..types import PackedRoutes, RecvBuffers
 from .layout import RankPlan
-from .rank import RankComm, RankGen, RankOutput
+from .rank import RankGen, RankOutput, step_program
+from .transport import DispatchHandle, EpStep, check_timeout, resolve_backends, window_shape
 from .windows import SIGNAL_WINDOWS, SymmetricWindows, Wait, WindowShape, WindowTimeoutError
 from .wire import pad_column
 
@@ -59,6 +61,12 @@ class LocalComm:
             self.win.put(peer, "pub_counts", rows, hist)
         self._signal("count_done")
 
+    def pack(self, backend: StageBackend, x_norm_i8: torch.Tensor,
+             x_norm_scale: torch.Tensor, weights: torch.Tensor,
+             route_ids: torch.Tensor) -> PackedRoutes:
+        """The stage backend's pack kernel (spec §2.5); `dispatch` puts its rows."""
+        return backend.pack_routes(x_norm_i8, x_norm_scale, weights, route_ids)
+
     def collect_counts(self) -> Generator[Wait, None, torch.Tensor]:
         yield from self._wait_all("count_done")
         r, n_local = self.ranks, self.win.shape.n_local
@@ -66,7 +74,7 @@ class LocalComm:
             r, r, n_local).clone()
 
     def dispatch(self, plan: RankPlan, packed: PackedRoutes
-                 ) -> Generator[Wait, None, RecvBuffers]:
+                 ) -> Generator[Wait, None, tuple[RecvBuffers, DispatchHandle]]:
         shape = self.win.shape
         c = shape.capacity
         rows = plan.local_expert[plan.order] * c + plan.slot[plan.order]
@@ -82,18 +90,22 @@ class LocalComm:
         self._signal("data_done")
         yield from self._wait_all("data_done")
         nl, d, me = shape.n_local, shape.d_model, self.rank
-        return RecvBuffers(                                   # stage-out (copies)
+        recv = RecvBuffers(                                   # stage-out (copies)
             x=self.win.local(me, "x_i8").reshape(nl, c, d).clone(),
             scale=self.win.local(me, "scale")[:, 0].reshape(nl, c).clone(),
             weight=self.win.local(me, "weight")[:, 0].reshape(nl, c).clone(),
             route=self.win.local(me, "r_route")[:, 0].reshape(nl, c).clone(),
             count=plan.recv_count.clone())
+        return recv, DispatchHandle(plan=plan, recv_route=recv.route)
 
-    def combine(self, plan: RankPlan, recv_y: torch.Tensor, recv_route: torch.Tensor
+    def combine(self, recv_y: torch.Tensor, handle: DispatchHandle
                 ) -> Generator[Wait, None, torch.Tensor]:
-        d = recv_y.shape[-1]
+        """Push every received row back to routed_y_buf[r_route] on its origin (§3.6)."""
+        plan, d = handle.plan, recv_y.shape[-1]
+        if handle.recv_route is None:
+            raise ValueError("combine needs the handle of this transport's dispatch")
         y = recv_y.reshape(-1, d)
-        rr = recv_route.reshape(-1).to(torch.int64)
+        rr = handle.recv_route.reshape(-1).to(torch.int64)
         start = 0
         for src, n in enumerate(plan.recv_split.tolist()):   # push back, keyed by r_route
             if n:
@@ -119,34 +131,35 @@ class LocalTransport:
 
     def __init__(self, *, poison: bool = False, timeout: float = 60.0,
                  silent_rank: int | None = None) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.poison = poison
-        self.timeout = float(timeout)
+        self.timeout = check_timeout(timeout)
         self.silent_rank = silent_rank
         self.windows: SymmetricWindows | None = None
         self.epoch = 0
         self._gen = torch.Generator().manual_seed(POISON_SEED)
 
-    def _prepare(self, shape: WindowShape) -> None:
+    def _prepare(self, shape: WindowShape, poison: bool) -> SymmetricWindows:
         if self.windows is None or self.windows.shape != shape:
             self.windows = SymmetricWindows(shape)
             self.epoch = 0
-        if self.poison:   # pretend many earlier steps ran, then trash every window
+        if poison:   # pretend many earlier steps ran, then trash every window
             self.epoch += int(torch.randint(1, 1000, (1,), generator=self._gen))
         self.epoch += 1
-        if self.poison:
+        if poison:
             self.windows.poison(self._gen, self.epoch)
+        return self.windows
 
-    def run(self, shape: WindowShape,
-            make_program: Callable[[int, RankComm], RankGen]) -> list[RankOutput]:
-        """Run one step of every rank's program to completion; outputs in rank order."""
+    def run(self, step: EpStep) -> list[RankOutput]:
+        """Run one step of every rank's program to completion; outputs in rank order.
+        The windows are poisoned first if this transport or the step asks for it."""
+        shape = window_shape(step.run)
         if self.silent_rank is not None and not 0 <= self.silent_rank < shape.ranks:
             raise ValueError(f"silent_rank must be in [0, {shape.ranks}), "
                              f"got {self.silent_rank}")
-        self._prepare(shape)
-        win = self.windows
-        gens = [make_program(r, LocalComm(r, win, self.epoch, silent=r == self.silent_rank))
+        win = self._prepare(shape, self.poison or step.poison)
+        backends = resolve_backends(step.backend, shape.ranks)
+        gens = [step_program(step, r, backends[r],
+                             LocalComm(r, win, self.epoch, silent=r == self.silent_rank))
                 for r in range(shape.ranks)]
         return _schedule(gens, win, self.timeout)
 

@@ -73,3 +73,29 @@ def unpack_dispatch(rows: torch.Tensor, d_model: int
     tail = row_tail(rows, d_model)
     return (rows[:, :d_model].view(torch.int8), tail[:, SCALE_WORD].view(torch.float32),
             tail[:, WEIGHT_WORD].view(torch.float32), tail[:, ROUTE_WORD])
+
+
+#: Word dtypes by size. Rows move through torch's index kernels as the widest word that
+#: divides D: 16-byte words copy about 4x faster than 8-byte ones and 16x faster than
+#: bytes (measured on this machine's CPU), and a copy of words moves the same bits.
+_WORDS: tuple[tuple[int, torch.dtype], ...] = (
+    (16, torch.complex128), (8, torch.int64), (4, torch.int32))
+
+
+def as_words(rows: torch.Tensor) -> torch.Tensor:
+    """[N, W] rows of any dtype (last dim contiguous) as [N, W·itemsize / w] words of
+    the widest word size w that divides the row bytes, the row stride and the offset
+    (a view, no copy; 4-byte words at least, else the rows are returned as they are)."""
+    item = rows.element_size()
+    nbytes, stride = rows.shape[-1] * item, rows.stride(0) * item
+    offset = rows.storage_offset() * item
+    for size, dtype in _WORDS:
+        if size > item and nbytes % size == 0 and stride % size == 0 and offset % size == 0:
+            return rows.view(dtype)
+    return rows
+
+
+def row_words(rows: torch.Tensor, d_model: int) -> torch.Tensor:
+    """The first D bytes of every row of a 1-byte [N, >= D] tensor as words (a view):
+    the x_i8 part of wire rows, or [N, D] INT8 activations."""
+    return as_words(rows[:, :d_model])
