@@ -20,12 +20,11 @@ from ..config import (
     get_preset,
     is_int,
 )
+from ..ep.transport import TRANSPORTS
 from ..limits import check_memory
 from ..outputs import check_output_dir
 from ..paths import REPO_ROOT
 from ..stages import EP_STEP_STAGES
-
-TRANSPORTS: tuple[str, ...] = ("local", "gloo")
 
 
 class ParameterError(ConfigError):
