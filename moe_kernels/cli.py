@@ -35,6 +35,7 @@ from .backend import BACKENDS, get_backend
 from .config import PRESETS, ConfigError, RunConfig, check_seed, get_preset
 from .dump import result_field
 from .ep.layout import OVERFLOW_MODES
+from .ep.transport import TRANSPORTS
 from .eplb_cmd import add_parser as add_eplb_parser
 from .eplb_cmd import run as cmd_eplb
 from .fixtures import make_inputs, make_weights
@@ -43,7 +44,6 @@ from .limits import check_memory
 from .outputs import check_output_dir, check_output_file
 from .types import CapacityError
 
-TRANSPORTS: tuple[str, ...] = ("local", "gloo")
 #: Seconds an EP rank waits for a peer when --timeout is not given.
 DEFAULT_TIMEOUT_S = 60.0
 #: Exit codes of every command (see the module docstring).
@@ -310,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _error(exc, EXIT_FAILED, "out of memory: ")
+    except KeyboardInterrupt:  # Ctrl-C: one line (EP ranks stop silently with us)
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - the contract: one line, exit 1
         if debug:
             raise
