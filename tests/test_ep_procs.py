@@ -153,15 +153,14 @@ def test_layer_command_killed_after_spawn_leaves_no_process() -> None:
     assert len(desc) >= 4 and not alive, f"survivors: {[_cmdline(p) for p in alive]}"
 
 
-def test_ctrl_c_prints_no_rank_traceback() -> None:
+def test_ctrl_c_prints_one_line() -> None:
     """SIGINT to the whole process group (a terminal's Ctrl-C): the ranks stay silent
-    and die, so at most the parent reports (one line from the CLI's error contract)."""
+    and die, and the parent prints one line."""
     cmd = [sys.executable, "-m", "moe_kernels", "layer", "--preset", "tiny", "--ranks", "4",
            "--transport", "gloo", "--batch", "64"]
     desc, alive, err = _start_and_kill(cmd, signal.SIGINT, ranks=4, group=True)
     assert len(desc) >= 4 and not alive, f"survivors: {[_cmdline(p) for p in alive]}"
-    assert err.count("Traceback") <= 1, err   # the parent's, until the CLI catches it
-    assert "spawn_main" not in err and "_worker" not in err, err
+    assert err.strip() == "interrupted", err
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "5", True])
