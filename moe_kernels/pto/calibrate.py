@@ -236,3 +236,162 @@ def vector_calibration() -> VectorCalibration:
 def calibration() -> Calibration:
     """The cached calibration (measured once per cache folder and pypto version)."""
     return _cached(str(rt.cache_dir() / _CACHE_NAME), _key())
+
+
+# --------------------------------------------------------------------------- fixed costs
+#: Fixed-cost microkernels: every tile is one [FIX_ROWS, FIX_COLS] FP32 tile (256 B), so
+#: bytes and vector work are negligible and only the per-task / per-DMA / per-op costs of
+#: the model remain. Each cost is the slope between two sizes of the same kernel:
+#: FIX_TASKS independent tasks (one wave on 48 vector cores: dispatch cost per task),
+#: FIX_DMAS tiny loads in one task (MTE_IN cost per DMA), FIX_OPS dependent tiny ops in one
+#: task (latency per op), FIX_LINKS tasks each waiting on the previous one (dependency
+#: resolution + dispatch per link), FIX_FANOUT consumer tasks of one producer (resolution
+#: per successor). Measured: 0.17 / 0.78 / 0.022 / 2.4 / 0.22 us.
+FIX_ROWS, FIX_COLS = 8, 8
+FIX_TASKS, FIX_DMAS, FIX_OPS, FIX_LINKS, FIX_FANOUT = (1, 48), (2, 10), (2, 40), (1, 8), (1, 32)
+#: Load bytes: the FIX_DMAS kernel on [FIX_ROWS, FIX_BIG_COLS] FP32 tiles (64 KiB, a typical
+#: stage tile); the slope minus dma_us, per KiB (the adds overlap the next load).
+FIX_BIG_COLS = 2048
+_FIX_CACHE_NAME = "calibration_fixed.json"
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    """Fixed costs of the SIM cost model, each from a microkernel of tiny tiles (us).
+
+    task_us: the cheapest task beyond its loads (one tiny op and its store);
+    dispatch_us: per extra independent task in a wave (AICPU dispatch);
+    link_us: per dependent task link (end of a task -> start of its successor);
+    fanout_us: per extra successor of one task (resolved one after another);
+    dma_us: per extra tiny load in a task (MTE_IN is one serial pipe per core);
+    op_us: per extra dependent tiny vector op in a task;
+    load_us_per_kib: per KiB of a load beyond dma_us (one core's MTE_IN rate).
+    """
+
+    task_us: float
+    dispatch_us: float
+    link_us: float
+    fanout_us: float
+    dma_us: float
+    op_us: float
+    load_us_per_kib: float
+    key: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fix_key() -> str:
+    return json.dumps({"v": 1, "pypto": rt.installed_pypto_version(),
+                       "tile": [FIX_ROWS, FIX_COLS], "tasks": FIX_TASKS, "dmas": FIX_DMAS,
+                       "ops": FIX_OPS, "links": FIX_LINKS, "fanout": FIX_FANOUT,
+                       "big_cols": FIX_BIG_COLS},
+                      sort_keys=True)
+
+
+def _fixed_kernel(kind: str, n: int, c: int = FIX_COLS):
+    """One fixed-cost microkernel of size n (see FIX_*) on [FIX_ROWS, c] tiles, latency
+    only; returns (kernel, args)."""
+    import torch
+    pypto = rt.ensure_ready()
+    r = FIX_ROWS
+    opts = rt.jit_options(verify=False)
+    f32 = pypto.DT_FP32
+    if kind == "tasks":
+        @pypto.frontend.jit(**opts)
+        def fix_tasks_k(x: pypto.Tensor((n * r, c), f32), y: pypto.Tensor((n * r, c), f32)):
+            pypto.set_vec_tile_shapes(r, c)
+            y[:] = pypto.mul(x, 1.0)
+        return fix_tasks_k, (torch.zeros(n * r, c), torch.empty(n * r, c))
+    if kind == "dmas":
+        @pypto.frontend.jit(**opts)
+        def fix_dmas_k(x: pypto.Tensor((r, n * c), f32), y: pypto.Tensor((r, c), f32)):
+            pypto.set_vec_tile_shapes(r, c)
+            acc = pypto.view(x, [r, c], [0, 0])
+            for j in range(1, n):
+                acc = pypto.add(acc, pypto.view(x, [r, c], [0, j * c]))
+            y[:] = acc
+        return fix_dmas_k, (torch.zeros(r, n * c), torch.empty(r, c))
+    if kind == "ops":
+        @pypto.frontend.jit(**opts)
+        def fix_ops_k(x: pypto.Tensor((r, c), f32), y: pypto.Tensor((r, c), f32)):
+            pypto.set_vec_tile_shapes(r, c)
+            a = x
+            for _ in range(n // 2):
+                a = pypto.add(pypto.mul(a, 0.999), 0.001)
+            y[:] = a
+        return fix_ops_k, (torch.zeros(r, c), torch.empty(r, c))
+    if kind == "links":
+        @pypto.frontend.jit(**opts)
+        def fix_links_k(x: pypto.Tensor((r, c), f32), y: pypto.Tensor((r, c), f32)):
+            pypto.set_vec_tile_shapes(r, c)
+            a = x
+            for j in range(n):
+                pypto.set_pass_options(sg_set_scope=j + 1)   # each op its own task
+                a = pypto.mul(a, 0.999)
+            pypto.set_pass_options(sg_set_scope=-1)
+            y[:] = a
+        return fix_links_k, (torch.zeros(r, c), torch.empty(r, c))
+    if kind == "fanout":
+        @pypto.frontend.jit(**opts)
+        def fix_fanout_k(x: pypto.Tensor((r, c), f32), z: pypto.Tensor((r, n * c), f32),
+                         y: pypto.Tensor((r, n * c), f32)):
+            pypto.set_vec_tile_shapes(r, c)
+            pypto.set_pass_options(sg_set_scope=1)           # the producer task
+            a = pypto.mul(x, 0.999)
+            pypto.set_pass_options(sg_set_scope=-1)
+            for j in range(n):                                # n consumer tasks
+                pypto.assemble(pypto.add(pypto.view(z, [r, c], [0, j * c]), a), [0, j * c], y)
+        return fix_fanout_k, (torch.zeros(r, c), torch.zeros(r, n * c), torch.empty(r, n * c))
+    raise ValueError(f"kind must be tasks/dmas/ops/links/fanout, got {kind!r}")
+
+
+def fixed_span_us(kind: str, n: int, cols: int = FIX_COLS) -> float:
+    """SIM span (us) of the fixed-cost microkernel `kind` at size n."""
+    if rt.run_mode_name() != "SIM":
+        raise RuntimeError("calibration measures the SIM cost model; run it without an NPU")
+    k, args = _fixed_kernel(kind, n, cols)
+    return rt.launch(k, *args, name=f"calib_{kind}{n}").aicore_us
+
+
+def measure_fixed() -> FixedCosts:
+    """Run the fixed-cost microkernels (two sizes each) and take the slopes."""
+    def slope(kind: str, sizes: tuple[int, int], cols: int = FIX_COLS) -> tuple[float, float]:
+        a, b = (fixed_span_us(kind, n, cols) for n in sizes)
+        return a, (b - a) / (sizes[1] - sizes[0])
+
+    one_task, dispatch = slope("tasks", FIX_TASKS)
+    _, dma = slope("dmas", FIX_DMAS)
+    _, op = slope("ops", FIX_OPS)
+    _, link_total = slope("links", FIX_LINKS)
+    _, fanout = slope("fanout", FIX_FANOUT)
+    _, big_load = slope("dmas", FIX_DMAS, FIX_BIG_COLS)
+    kib = FIX_ROWS * (FIX_BIG_COLS - FIX_COLS) * 4 / 1024
+    # a link's slope holds one more (tiny) task; the task beyond its load is the one-task
+    # kernel (1 load, 1 op, 1 store) minus one DMA
+    return FixedCosts(task_us=one_task - dma, dispatch_us=dispatch,
+                      link_us=link_total - one_task, fanout_us=fanout, dma_us=dma, op_us=op,
+                      load_us_per_kib=(big_load - dma) / kib, key=_fix_key())
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_fixed(path: str, key: str) -> FixedCosts:
+    with rt._file_lock(rt.cache_dir() / "calibration.lock"):
+        if os.path.exists(path):
+            try:
+                d = json.loads(open(path).read())
+                if d.get("key") == key:
+                    return FixedCosts(**d)
+            except (OSError, ValueError, TypeError):
+                pass
+        cal = measure_fixed()
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(cal.to_dict(), fh, indent=2)
+        os.replace(tmp, path)
+        return cal
+
+
+def fixed_costs() -> FixedCosts:
+    """The cached fixed-cost calibration (its own file: the other calibrations are kept)."""
+    return _cached_fixed(str(rt.cache_dir() / _FIX_CACHE_NAME), _fix_key())
