@@ -4,6 +4,7 @@ the published-figures table, and the figures (deterministic PNG bytes)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -117,7 +118,8 @@ def test_run_ep_per_rank_attributes_every_call(tiny_run, tmp_path):
     stages = [s for s in STAGE_NAMES if s != "scatter_routes"]
     for r in range(run.ranks):
         assert [c.stage for c in per.calls if c.rank == r] == stages
-    assert [c.index for c in per.calls] == list(range(len(per.calls)))
+    for r in range(run.ranks):                                # call order on each rank
+        assert [c.index for c in per.calls if c.rank == r] == list(range(len(stages)))
     recv = per.result.layout.recv_count.sum(dim=1)
     bars = lb.per_rank_stage_bars(per.calls, run.ranks)
     assert bars.categories == ("rank 0", "rank 1")
@@ -130,16 +132,22 @@ def test_run_ep_per_rank_attributes_every_call(tiny_run, tmp_path):
         per.swim("gate", 0)
 
 
-def test_routing_backend_needs_a_rank_and_known_stages(tmp_path):
-    rb = rl.RankRoutingBackend(2, lambda: FakeTimedBackend(""))
-    with pytest.raises(RuntimeError, match="outside a rank program"):
-        rb.gate()
-    with pytest.raises(AttributeError):
-        rb.not_a_stage  # noqa: B018
-    with pytest.raises(ValueError, match="ranks"):
-        rl.RankRoutingBackend(0, lambda: None)
-    with pytest.raises(ValueError, match="in-process transport"):
-        rl.RankTaggingTransport(SimpleNamespace(run_layer=None), rb)
+def test_run_ep_per_rank_keeps_the_swim_parsed_with_the_call(tiny_run, tmp_path):
+    """A record that carries its parsed swimlane is used even after its file is gone."""
+    run, inputs, weights = tiny_run
+    path = _write_swim(tmp_path)
+    table = swim.parse_swim_tasks(path, kernel="expert_routed")
+
+    class Carrying(FakeTimedBackend):
+        def _rec(self, stage, us):
+            super()._rec(stage, us)
+            name, rec = self.latencies[-1]
+            self.latencies[-1] = (name, replace(rec, swim=table))
+
+    path.unlink()
+    per = rl.run_ep_per_rank(run, inputs, weights, make_backend=lambda: Carrying(str(path)),
+                             keep_swim=None)
+    assert all(c.swim is table for c in per.calls)
 
 
 def test_bars_and_segments():

@@ -1,19 +1,18 @@
 """Per-rank SIM latency of an EP layer step: every kernel call attributed to its rank.
 
 `run_ep_per_rank` runs the EP program with one stage backend per rank (a fresh
-`PyptoBackend` each, by default) and records (rank, stage, SIM µs, swimlane) of every
-kernel call. Every call's `_simulate.swim.json` is parsed right after the call: pypto's
-run folders are pruned as new calls arrive, so a path kept for later may be gone.
+`PyptoBackend` each, by default: `run_ep_layer` takes one backend per rank) and records
+(rank, stage, SIM µs, swimlane) of every kernel call. The swimlane comes parsed with the
+call's LatencyRecord: pypto prunes run folders as new calls arrive.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..pto.swim import SwimTable, parse_swim_tasks
-from ..stages import STAGE_NAMES
 
 
 @dataclass(frozen=True)
@@ -22,93 +21,11 @@ class KernelCall:
 
     rank: int
     stage: str
-    index: int                  # call order over the whole step (all ranks)
+    index: int                  # call order on its rank
     aicore_us: float
     n_tasks: int
     utilization: float
     swim: SwimTable | None = None
-
-
-class RankTaggingTransport:
-    """Wraps a transport so `recorder.rank` names the rank whose program is running.
-
-    The wrapped transport runs rank programs as generators; every resume of rank r's
-    generator first sets `recorder.rank = r`. Blocking transports (one process per rank)
-    cannot share a recorder and are not supported here.
-    """
-
-    def __init__(self, inner: Any, recorder: RankRoutingBackend) -> None:
-        if hasattr(inner, "run_layer"):
-            raise ValueError("RankTaggingTransport needs an in-process transport (e.g. "
-                             "LocalTransport), not one that runs its own processes")
-        self.inner = inner
-        self.recorder = recorder
-        self.name = f"{getattr(inner, 'name', 'transport')}+rank-tags"
-
-    def run(self, shape: Any, make_program: Callable[[int, Any], Generator]) -> list:
-        """Run the inner transport with every rank program tagged by its rank."""
-        def tagged(rank: int, comm: Any) -> Generator:
-            return _tag_generator(make_program(rank, comm), rank, self.recorder)
-        return self.inner.run(shape, tagged)
-
-
-def _tag_generator(gen: Generator, rank: int, recorder: RankRoutingBackend) -> Generator:
-    """Delegate to `gen`, setting `recorder.rank = rank` before every resume."""
-    value: Any = None
-    try:
-        while True:
-            recorder.rank = rank
-            try:
-                item = gen.send(value)
-            except StopIteration as stop:
-                return stop.value
-            value = yield item
-    finally:
-        gen.close()
-
-
-class RankRoutingBackend:
-    """A StageBackend forwarding each call to the current rank's own backend, and
-    recording (rank, stage, latency, swimlane) of every call in `calls`.
-
-    make_backend: builds one backend per rank (objects with a `latencies` list of
-    (stage, LatencyRecord | None), like `PyptoBackend`). keep_swim: stages whose
-    swimlane is parsed and kept (all stages if None).
-    """
-
-    def __init__(self, ranks: int, make_backend: Callable[[], Any],
-                 keep_swim: Iterable[str] | None = ("expert_routed",)) -> None:
-        if not isinstance(ranks, int) or ranks <= 0:
-            raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
-        self.backends = [make_backend() for _ in range(ranks)]
-        self.name = f"per-rank {getattr(self.backends[0], 'name', 'backend')}"
-        self.keep_swim = None if keep_swim is None else frozenset(keep_swim)
-        self.rank: int | None = None
-        self.calls: list[KernelCall] = []
-
-    def __getattr__(self, stage: str) -> Callable[..., Any]:
-        if stage.startswith("_") or stage not in STAGE_NAMES:
-            raise AttributeError(stage)
-        return lambda *args, **kwargs: self._call(stage, *args, **kwargs)
-
-    def _call(self, stage: str, *args: Any, **kwargs: Any) -> Any:
-        rank = self.rank
-        if rank is None:
-            raise RuntimeError("RankRoutingBackend called outside a rank program: run it "
-                               "through RankTaggingTransport")
-        be = self.backends[rank]
-        before = len(be.latencies)
-        out = getattr(be, stage)(*args, **kwargs)
-        for name, lat in be.latencies[before:]:
-            if lat is None:  # NPU run or empty kernel: no cost-model record
-                continue
-            keep = self.keep_swim is None or name in self.keep_swim
-            swim = parse_swim_tasks(lat.swim_path, kernel=name, clock_mhz=lat.clock_mhz) \
-                if keep and Path(lat.swim_path).exists() else None
-            self.calls.append(KernelCall(rank=rank, stage=name, index=len(self.calls),
-                                         aicore_us=lat.aicore_us, n_tasks=lat.n_tasks,
-                                         utilization=lat.utilization, swim=swim))
-        return out
 
 
 @dataclass
@@ -134,36 +51,35 @@ class PerRankRun:
 def run_ep_per_rank(run: Any, inputs: Any, weights: Any,
                     make_backend: Callable[[], Any] | None = None,
                     keep_swim: Iterable[str] | None = ("expert_routed",),
-                    transport: Any = None) -> PerRankRun:
-    """Run one EP layer step (local transport) with one backend per rank (a fresh
-    `PyptoBackend` each unless `make_backend` says otherwise) and attribute every kernel
-    call to its rank and stage."""
-    from ..ep import LocalTransport, run_ep_layer
+                    transport: Any = "local") -> PerRankRun:
+    """Run one EP layer step with one backend per rank (a fresh `PyptoBackend` each
+    unless `make_backend` says otherwise) and attribute every kernel call to its rank.
+
+    Backends log (stage, LatencyRecord | None) in `latencies`; `keep_swim` names the
+    stages whose swimlane is kept (all if None). `index` is the call's order on its rank.
+    """
+    from ..ep import run_ep_layer
     if make_backend is None:
         from ..pto.backend import PyptoBackend
         make_backend = PyptoBackend
-    recorder = RankRoutingBackend(run.ranks, make_backend, keep_swim)
-    # one backend per rank (run_ep_layer's per-rank backends): each tags its own calls
-    backends = [_RankBackend(recorder, r) for r in range(run.ranks)]
-    result = run_ep_layer(run, inputs, weights, transport=transport or LocalTransport(),
-                          backend=backends)
-    return PerRankRun(result=result, calls=list(recorder.calls))
-
-
-class _RankBackend:
-    """Rank `rank`'s backend: forwards each stage call to `recorder` tagged with rank."""
-
-    def __init__(self, recorder: RankRoutingBackend, rank: int) -> None:
-        self.recorder, self.rank, self.name = recorder, rank, recorder.name
-
-    def __getattr__(self, stage: str) -> Callable[..., Any]:
-        if stage.startswith("_") or stage not in STAGE_NAMES:
-            raise AttributeError(stage)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.recorder.rank = self.rank
-            return self.recorder._call(stage, *args, **kwargs)
-        return call
+    keep = None if keep_swim is None else frozenset(keep_swim)
+    backends = [make_backend() for _ in range(run.ranks)]
+    result = run_ep_layer(run, inputs, weights, transport=transport, backend=backends)
+    calls = []
+    for rank, be in enumerate(backends):
+        for index, (stage, lat) in enumerate(be.latencies):
+            if lat is None:  # NPU run or empty kernel: no cost-model record
+                continue
+            swim = None
+            if keep is None or stage in keep:
+                swim = lat.swim
+                if swim is None and Path(lat.swim_path).exists():
+                    swim = parse_swim_tasks(lat.swim_path, kernel=stage,
+                                            clock_mhz=lat.clock_mhz)
+            calls.append(KernelCall(rank=rank, stage=stage, index=index,
+                                    aicore_us=lat.aicore_us, n_tasks=lat.n_tasks,
+                                    utilization=lat.utilization, swim=swim))
+    return PerRankRun(result=result, calls=calls)
 
 
 #: Row multiple of the tight what-if capacity: 16 is the cube unit's fractal height, and a

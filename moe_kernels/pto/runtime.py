@@ -26,7 +26,7 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +36,7 @@ import torch
 
 from ..paths import CACHE_DIR
 from .side_files import check_cache_folder, redirect_side_files
-from .swim import CLOCK_MHZ, parse_swim_tasks
+from .swim import CLOCK_MHZ, SwimTable, parse_swim_tasks
 
 #: The only pypto release whose private internals this module was written against.
 SUPPORTED_PYPTO_VERSION = "0.2.0"
@@ -74,9 +74,12 @@ class LatencyRecord:
     swim_path: str              # _simulate.swim.json (cycles per task per core)
     trace_path: str             # Perfetto trace if written, else the swim json
     output_dir: str
+    #: The parsed swimlane of this call (pypto prunes run folders as calls arrive, so the
+    #: file at swim_path may be gone later); not part of to_dict / equality.
+    swim: SwimTable | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "swim"}
 
 
 # --------------------------------------------------------------------------- paths
@@ -351,7 +354,8 @@ def parse_swim(folder: Path, kernel: str = "", clock_mhz: float = CLOCK_MHZ) -> 
         kernel=kernel, aicore_cycles=span, aicore_us=span / clock_mhz, clock_mhz=clock_mhz,
         utilization=table.utilization, n_tasks=len(table.tasks),
         total_cycles_incl_sched=table.last_end_cycles, swim_path=str(swim_path),
-        trace_path=str(trace if trace.exists() else swim_path), output_dir=str(folder))
+        trace_path=str(trace if trace.exists() else swim_path), output_dir=str(folder),
+        swim=table)
 
 
 def _output_pid(folder: Path) -> int | None:
@@ -413,6 +417,25 @@ def launch(kernel: Callable[..., None], *tensors: torch.Tensor, name: str = ""
         for host, d in zip(tensors, dev, strict=True):
             host.copy_(d.cpu())
         return None
+    try:
+        _call(kernel, tensors)
+    except Exception:
+        # a kernel that fails to compile leaves pypto 0.2.0's Python controller "inside a
+        # function", so every later kernel of the process would fail ("function nested is
+        # not allowed"): close it, then let the caller see the original error
+        from pypto._controller import Controller
+        Controller.end_function()
+        raise
+    folder = Path(pypto_impl.LogTopFolder())
+    try:
+        rec = parse_swim(folder, kernel=name)
+    finally:
+        clean_outputs()
+    return rec
+
+
+def _call(kernel: Callable[..., None], tensors: tuple[torch.Tensor, ...]) -> None:
+    """kernel(*tensors), with the interpreter off inside `latency_only()`."""
     if latency_only_active() and hasattr(kernel, "_verify_options"):
         # pypto 0.2.0 JitCallableWrapper reads _verify_options on every call (compile
         # runs per call), so swapping them for this call turns the interpreter off
@@ -424,9 +447,3 @@ def launch(kernel: Callable[..., None], *tensors: torch.Tensor, name: str = ""
             kernel._verify_options = saved
     else:
         kernel(*tensors)
-    folder = Path(pypto_impl.LogTopFolder())
-    try:
-        rec = parse_swim(folder, kernel=name)
-    finally:
-        clean_outputs()
-    return rec
