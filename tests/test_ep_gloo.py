@@ -107,3 +107,24 @@ def test_rank_that_never_arrives_times_out_and_leaves_no_process(weights) -> Non
         elapsed = time.monotonic() - t0
     assert elapsed < timeout + 10, elapsed
     assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("ranks", [1, 8])
+def test_gloo_one_and_eight_ranks_poisoned_equal_local_and_reference(weights,
+                                                                     ranks: int) -> None:
+    run = tiny_run(ranks)
+    inputs = make_inputs(run, seed=7)
+    g = run_ep_layer(run, inputs, weights, transport="gloo", poison=True, timeout=60.0)
+    assert_same_result(g, run_ep_layer(run, inputs, weights), layouts=True)
+    assert same_bytes(g.x_next, reference_layer(run, inputs, weights).x_next)
+
+
+def test_rank_that_exits_fails_the_step_and_leaves_no_process(weights) -> None:
+    run = tiny_run(2)
+    with SpawnedWorld(2, timeout=10.0) as w:
+        pids = w.pids
+        with pytest.raises(DistTimeoutError, match=r"rank 1 process exited with code 3"):
+            run_ep_layer(run, make_inputs(run), weights, transport=w,
+                         backend=FaultyBackends(rank=1, kind="exit"))
+        assert not w.procs  # the world closed itself: its group is broken
+    assert not any(alive(p) for p in pids)

@@ -160,3 +160,30 @@ def test_bad_arguments_fail_fast(tiny_weights, kwargs: dict, match: str) -> None
 def test_inputs_shape_mismatch_fails_fast(tiny_weights) -> None:
     with pytest.raises(ValueError, match="x_hc"):
         run_ep_layer(tiny_run(4), make_inputs(tiny_run(2)), tiny_weights)
+
+
+def test_per_rank_backends_sequence_and_factory(tiny_weights) -> None:
+    """One backend per rank (a sequence or a factory rank -> backend): each rank's
+    stages go to its own backend, and the result does not change."""
+    from moe_kernels.backend import TorchBackend
+
+    class Counting(TorchBackend):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def hc_pre(self, *args, **kwargs):
+            self.calls += 1
+            return TorchBackend.hc_pre(*args, **kwargs)
+
+    run = tiny_run(4)
+    inputs = make_inputs(run, seed=8)
+    ref = run_ep_layer(run, inputs, tiny_weights)
+    backends = [Counting() for _ in range(4)]
+    assert_same_result(run_ep_layer(run, inputs, tiny_weights, backend=backends), ref)
+    assert [b.calls for b in backends] == [1, 1, 1, 1]
+    made: list[int] = []
+    assert_same_result(run_ep_layer(run, inputs, tiny_weights,
+                                    backend=lambda r: made.append(r) or TorchBackend()), ref)
+    assert made == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="one backend per rank"):
+        run_ep_layer(run, inputs, tiny_weights, backend=backends[:3])
