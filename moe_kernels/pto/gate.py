@@ -18,11 +18,22 @@ TOKEN_TILE = 4
 #: and Q8 reductions need no partial sums (1024 -> 37.8 us, 4096 -> 31.5 us at demo R=2).
 COL_TILE = 4096
 #: Cube tiles of z = xg @ gate_w^T, [T, D] x [D, E] FP32: M 16, K 512 in L0 (the
-#: reference's K-chunk) and 2048 per L1 fill with split-K (GM accumulation), N = 3E rounded
-#: up to 16 (cube N tiles must be 16-aligned). Split-K: E is tiny, so K chunks are the
-#: parallelism (without it: 8 tasks of 16 us). K1 2048 (2 chunks, 16 tasks): 28.4 -> 22.7 us
-#: at demo R=2 vs 1024 (4 chunks: 32 tasks, two waves, and twice the partials to reduce).
+#: reference's K-chunk) and up to 2048 per L1 fill with split-K (GM accumulation); K1 must
+#: be a multiple of K0 (pypto FC4000), so D = 7168 (pro) takes 1024. Split-K: at demo E is
+#: tiny, so K chunks are the parallelism (without it: 8 tasks of 16 us). K1 2048 (2 chunks,
+#: 16 tasks): 28.4 -> 22.7 us at demo R=2 vs 1024 (4 chunks: 32 tasks, two waves).
 GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 16, 512, 2048
+#: Cube N tile (16-aligned) over the 3E stacked weight rows, at most 64: one N x K0 BF16
+#: tile is 64 KiB (all of L0B) and (M + N) x K1 BF16 is 320 KiB of the 512 KiB L1. The
+#: whole 3E in one tile (768 at flash) needed 3 MiB of L1: "Run pass failed" (OoOSchedule).
+GATE_CUBE_N = 64
+#: Cube cores of the 910B model (A2A3.ini cube_core_cnt): when 3E spans several N tiles
+#: (flash, pro), M x N tiles are the parallelism and split-K is off: its partials are
+#: reduced by one vector load per (N tile, K chunk) pair, ~1 us each (flash R=8, T=32:
+#: 54.9 -> 33.7 us); M grows in steps of 16 until M x N tiles fit one wave (pro T=32:
+#: M 32, 18 tasks: 77.5 -> 64.2 us), at most to M_MAX: (48 + 64) x 2048 BF16 = 448 KiB
+#: of L1 (64 would fill it) and 48 x 512 BF16 = 48 KiB of the 64 KiB L0A.
+GATE_CUBE_CORES, GATE_CUBE_M_MAX = 24, 48
 #: gate_w (FP32) enters the cube as 3 stacked BF16 pieces (hi, mid, lo; see split_bf16):
 #: with x_norm in BF16 the products are exact and the sum matches an FP32 matmul to
 #: ~2^-26, and the FP32 copy of x_norm (2 MB at demo) is neither written nor read.
@@ -67,9 +78,14 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
     tt = divisor_tile("tokens", t, TOKEN_TILE)
     ct = divisor_tile("hidden", d, COL_TILE)
     kt = divisor_tile("hidden", d, GATE_CUBE_K)
-    kt1 = max(kt, divisor_tile("hidden", d, GATE_CUBE_K1))
-    nt = -(-(GATE_W_SPLIT * e) // 16) * 16
+    kt1 = kt * divisor_tile("hidden / K0", d // kt, max(1, GATE_CUBE_K1 // kt))
+    n16 = -(-(GATE_W_SPLIT * e) // 16)          # 3E in 16-row cube blocks (rounded up)
+    nt = 16 * divisor_tile("3*experts / 16", n16, GATE_CUBE_N // 16)
+    split_k = n16 * 16 == nt                   # one N tile: K chunks are the parallelism
     mt = min(GATE_CUBE_M, -(-t // 16) * 16)
+    while (not split_k and mt < min(t, GATE_CUBE_M_MAX)
+           and -(-t // mt) * (n16 * 16 // nt) > GATE_CUBE_CORES):
+        mt += 16
     q8 = quantize_rows_q8
     st = divisor_tile("tokens", t, SCORE_TOKEN_TILE)
 
@@ -88,7 +104,7 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
         """xn = bf16(x·rsqrt(mean x²+eps)·w); (q, s) = Q8(xn); score = sqrt(softplus(xn W^T));
         idx = hash | top-k(score + bias); weight = score[idx] / Σ score[idx] · scale."""
         pypto.set_vec_tile_shapes(tt, ct)
-        pypto.set_cube_tile_shapes([mt, mt], [kt, kt1], [nt, nt], True)
+        pypto.set_cube_tile_shapes([mt, mt], [kt, kt1], [nt, nt], split_k)
         x = pypto.cast(x_mixed, pypto.DT_FP32)
         ms = pypto.div(pypto.sum(pypto.mul(x, x), -1, keepdim=True), float(d))
         xn = pypto.cast(pypto.mul(pypto.mul(x, pypto.rsqrt(pypto.add(ms, eps))), norm_w),
