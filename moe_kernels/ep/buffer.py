@@ -79,6 +79,9 @@ class EpBuffer:
         width, dev = dispatch_row_bytes(d), self.device
         self.send = torch.zeros(routes, width, dtype=torch.uint8, device=dev)  # pad stays 0
         self.recv = torch.zeros(max_in, width, dtype=torch.uint8, device=dev)
+        # received rows in host memory (the same tensor on CPU; a mirror on a device)
+        self.recv_host = self.recv if self._host else torch.zeros(max_in, width,
+                                                                  dtype=torch.uint8)
         self.x = torch.empty(nl, c, d, dtype=torch.int8)
         self.scale = torch.empty(nl, c)
         self.weight = torch.empty(nl, c)
@@ -94,13 +97,13 @@ class EpBuffer:
         self._part_views = list(self._parts.unbind(0))   # all_gather writes in place
         self._counts_work: Any = None
         # views made once (see the class docstring)
-        send_tail, recv_tail = row_tail(self.send, d), row_tail(self.recv, d)
+        send_tail, recv_tail = row_tail(self.send, d), row_tail(self.recv_host, d)
         self._send_x = row_words(self.send, d)
         self._send_scale = send_tail[:, SCALE_WORD]
         self._send_weight = send_tail[:, WEIGHT_WORD]
         self._send_route = send_tail[:, ROUTE_WORD]
         self._send_view = PackedRoutes(*unpack_dispatch(self.send, d))
-        self._recv_x, self._recv_tail = row_words(self.recv, d), as_words(recv_tail)
+        self._recv_x, self._recv_tail = row_words(self.recv_host, d), as_words(recv_tail)
         self._x_words = row_words(self.x.view(-1, d), d)
         self._tail_words = as_words(self.tail)
         self._columns = ((self.scale.view(-1), self.tail[:, SCALE_WORD].view(torch.float32)),
@@ -114,7 +117,7 @@ class EpBuffer:
     def poison(self, seed: int = POISON_SEED) -> None:
         """Fill every buffer except the zero row with garbage (results must not change)."""
         g = torch.Generator().manual_seed(seed)
-        for t in (self.recv, self.x, self.route, self.tail):  # (send rows all rewritten)
+        for t in (self.recv_host, self.x, self.route, self.tail):  # (send: all rewritten)
             info = torch.iinfo(t.dtype)
             t.copy_(torch.randint(info.min, info.max, t.shape, generator=g, dtype=t.dtype))
         self.scale.fill_(float("nan"))
@@ -168,7 +171,7 @@ class EpBuffer:
         dist.all_to_all_single(recv, self.send[:n_out], recv_split, send_split,
                                group=self.group)
         if not self._host:                                  # UNTESTED (nccl / hccl)
-            self.recv[:n_in].copy_(recv.cpu())
+            self.recv_host[:n_in].copy_(recv)
         rows = plan.recv_rows                               # flat e·C + slot, arrival order
         self._x_words[rows] = self._recv_x[:n_in]
         self._tail_words[rows] = self._recv_tail[:n_in]    # scale, weight, route at once

@@ -5,9 +5,10 @@
 through the rank program. Spawned worlds (ep.procs) and torchrun both use it.
 
 `TorchrunTransport` runs this process's rank under ``torchrun --nproc-per-node R``
-(RANK / WORLD_SIZE / MASTER_* set) and gathers every rank's output on rank 0.
-"gloo" is tested here; "nccl" (CUDA) and "hccl" (torch_npu) take the same code path with
-the exchange buffers on the device: UNTESTED on this machine (no GPU/NPU).
+(RANK / WORLD_SIZE / MASTER_* set) and gathers every rank's output on rank 0. It takes
+the device's collectives when a device is present (`default_dist_backend`): "nccl" with
+CUDA, "hccl" with torch_npu on Ascend, through the same code path with the exchange
+buffers on the device: UNTESTED on this machine (no GPU/NPU); "gloo" is tested here.
 """
 from __future__ import annotations
 
@@ -73,6 +74,18 @@ class RankSession:
         return run_to_end(step_program(step, self.rank, be, buf))
 
 
+def default_dist_backend() -> str:
+    """The collective backend for this machine: nccl with CUDA, hccl with an Ascend NPU
+    (torch_npu importable and a device present), else gloo. Only gloo is tested here."""
+    if torch.cuda.is_available():
+        return "nccl"                                   # UNTESTED here
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except ImportError:
+        return "gloo"
+    return "hccl" if torch.npu.is_available() else "gloo"   # UNTESTED here
+
+
 def device_for(dist_backend: str, local_rank: int = 0) -> str:
     """The tensor device a backend needs: nccl -> cuda:LOCAL_RANK, hccl -> npu:LOCAL_RANK
     (UNTESTED here), gloo -> cpu."""
@@ -98,9 +111,11 @@ class TorchrunTransport:
 
     name = "torchrun"
 
-    def __init__(self, *, timeout: float = 60.0, dist_backend: str = "gloo",
+    def __init__(self, *, timeout: float = 60.0, dist_backend: str | None = None,
                  env: Mapping[str, str] | None = None) -> None:
+        """dist_backend: "gloo", "nccl" or "hccl"; None picks `default_dist_backend()`."""
         self.timeout = check_timeout(timeout)
+        dist_backend = dist_backend or default_dist_backend()
         env = os.environ if env is None else env
         missing = [k for k in TORCHRUN_ENV if k not in env]
         if missing:
@@ -138,7 +153,7 @@ class TorchrunTransport:
 def run_under_torchrun(run: RunConfig, inputs: Inputs, weights: Weights, *,
                        backend: Any = "torch", poison: bool = False,
                        overflow: str = "error", timeout: float = 60.0,
-                       dist_backend: str = "gloo") -> LayerResult | None:
+                       dist_backend: str | None = None) -> LayerResult | None:
     """One EP step under torchrun: the LayerResult on rank 0, None on the other ranks."""
     step = EpStep(run=run, inputs=inputs, weights=weights, backend=backend,
                   overflow=overflow, poison=poison)
@@ -150,4 +165,4 @@ def run_under_torchrun(run: RunConfig, inputs: Inputs, weights: Weights, *,
 
 
 __all__ = ["DistError", "DistTimeoutError", "RankSession", "TorchrunTransport",
-           "device_for", "run_under_torchrun"]
+           "default_dist_backend", "device_for", "run_under_torchrun"]
