@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -96,6 +95,8 @@ class EpBuffer:
                                   device=dev)
         self._part_views = list(self._parts.unbind(0))   # all_gather writes in place
         self._counts_work: Any = None
+        self._ret_packed: torch.Tensor | None = None     # see pack()
+        self._ret_key: tuple[int, int] = (0, 0)
         # views made once (see the class docstring)
         send_tail, recv_tail = row_tail(self.send, d), row_tail(self.recv_host, d)
         self._send_x = row_words(self.send, d)
@@ -150,6 +151,10 @@ class EpBuffer:
         torch.index_select(weights.reshape(-1).view(torch.int32), 0, route_ids,
                            out=self._send_weight[:n])
         self._send_route[:n].copy_(route_ids)
+        # while the counts travel: where each route's row comes back if none is dropped
+        self._ret_packed = torch.empty_like(route_ids)
+        self._ret_packed[route_ids] = torch.arange(n)
+        self._ret_key = (route_ids.data_ptr(), n)
         v = self._send_view
         return PackedRoutes(v.x[:n], v.scale[:n], v.weight[:n], v.route[:n])
 
@@ -177,11 +182,15 @@ class EpBuffer:
         self._tail_words[rows] = self._recv_tail[:n_in]    # scale, weight, route at once
         for dst, src in self._columns:
             dst.copy_(src)
-        ret = np.full(self.shape.routes, self._zero_row, dtype=np.int64)
-        ret[plan.order.numpy()] = np.arange(n_out)
+        ret = self._ret_packed      # valid if the plan sends exactly the packed routes
+        if ret is None or n_out != self.shape.routes or \
+                self._ret_key != (plan.order.data_ptr(), n_out):
+            ret = torch.full((self.shape.routes,), self._zero_row, dtype=torch.int64)
+            ret[plan.order] = torch.arange(n_out)         # dropped routes: the zero row
+        self._ret_packed = None
         recv_bufs = RecvBuffers(x=self.x, scale=self.scale, weight=self.weight,
                                 route=self.route, count=plan.recv_count)
-        return recv_bufs, DispatchHandle(plan=plan, return_index=torch.from_numpy(ret))
+        return recv_bufs, DispatchHandle(plan=plan, return_index=ret)
         yield  # pragma: no cover
 
     def combine(self, recv_y: torch.Tensor, handle: DispatchHandle
