@@ -272,8 +272,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from .notebooks_run import run_all
-    run_all(figures_dir=check_output_dir(args.figures_dir, "--figures-dir"))
+    from .notebooks_run import batch_summary, run_all
+    fdir, t0 = check_output_dir(args.figures_dir, "--figures-dir"), time.perf_counter()
+    print(batch_summary(run_all(figures_dir=fdir), fdir, time.perf_counter() - t0))
     return 0
 
 

@@ -3,7 +3,11 @@ its defaults with the demo preset and 2 ranks, figures into figures/) and parame
 sweeps (one execution and one figure folder per combination of values).
 
 Executed copies go to build/notebooks/ (git-ignored); the notebooks themselves, and
-their jupytext .py pairs, stay output-free.
+their jupytext .py pairs, stay output-free. The main run also writes each executed
+notebook as HTML into figures/notebooks/ (figures linked, not embedded) and removes the
+figures a notebook no longer writes. The kernel's own stdout and stderr (startup
+warnings, worker-process chatter) go to build/notebooks/<name>.kernel.log, so a batch
+run prints only its progress bar and a summary.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .notebook_html import HTML_DIRNAME, export_html, html_total_bytes
 from .paths import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -30,6 +35,20 @@ MAIN_RUN_PARAMETERS: dict[str, Any] = {"preset": "demo", "ranks": 2, "batch": 64
 KERNEL_NAME = "python3"
 #: Seconds a single cell may run before papermill gives up.
 CELL_TIMEOUT_S = 600
+
+
+def _quiet_kernel_manager(log: Any) -> type:
+    """An AsyncKernelManager class whose kernel writes stdout/stderr to the open file
+    `log` instead of the terminal (the cells' outputs still reach the notebook)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return QuietKernelManager
 
 
 class NotebookRunError(ConfigError):
@@ -118,10 +137,12 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = No
     if unknown:
         raise NotebookRunError(f"{nb.stem} has no parameter(s) {unknown}; its parameters: "
                                f"{sorted(declared)}")
-    pm.execute_notebook(str(nb), str(out), parameters=dict(parameters or {}),
-                        kernel_name=kernel_name, cwd=str(REPO_ROOT),
-                        progress_bar=cell_progress, log_output=False,
-                        execution_timeout=timeout)
+    with open(out.with_suffix(".kernel.log"), "w", encoding="utf-8") as log:
+        pm.execute_notebook(str(nb), str(out), parameters=dict(parameters or {}),
+                            kernel_name=kernel_name, cwd=str(REPO_ROOT),
+                            progress_bar=cell_progress, log_output=False,
+                            execution_timeout=timeout,
+                            kernel_manager_class=_quiet_kernel_manager(log))
     return out
 
 
@@ -134,11 +155,13 @@ def run_all(notebooks: Sequence[str | Path] | None = None,
             figures_dir: str | Path = "figures",
             parameters: Mapping[str, Any] | None = None,
             build_dir: str | Path = BUILD_DIR, progress: bool = True,
-            kernel_name: str = KERNEL_NAME) -> list[Path]:
+            kernel_name: str = KERNEL_NAME, html: bool = True) -> list[Path]:
     """The main batch run: every notebook (default: all NN_*.ipynb) at its defaults plus
     MAIN_RUN_PARAMETERS (demo preset, 2 ranks) and `parameters`, each applied only where
     the notebook declares it; figures into `figures_dir` (relative = from the current
-    directory). Returns the executed notebooks' paths in build_dir."""
+    directory), stale figures of each notebook removed, and (html=True) each executed
+    notebook as figures_dir/notebooks/<name>.html. Returns the executed notebooks' paths
+    in build_dir."""
     nbs = [resolve_notebook(n) for n in notebooks] if notebooks else list_notebooks()
     fdir = Path(figures_dir).resolve()
     wanted = {**MAIN_RUN_PARAMETERS, **dict(parameters or {}), "figures_dir": str(fdir)}
@@ -148,10 +171,36 @@ def run_all(notebooks: Sequence[str | Path] | None = None,
             bar.set_postfix_str(nb.stem)
             declared = notebook_parameters(nb)
             params = {k: v for k, v in wanted.items() if k in declared}
+            started = time.time()
             done.append(run_notebook(nb, params, Path(build_dir) / nb.name,
                                      kernel_name=kernel_name))
+            _prune_stale(fdir, nb.stem, started)
+            if html:
+                export_html(done[-1], fdir)
             bar.update(1)
     return done
+
+
+def _prune_stale(figures_dir: Path, notebook: str, started: float) -> list[str]:
+    """Drop the manifest entries and PNGs of `notebook` that its run did not rewrite."""
+    from .analysis.manifest import prune_notebook, read_manifest
+    entries = read_manifest(figures_dir)["figures"]
+    keep = {n for n, e in entries.items() if e.get("notebook") == notebook
+            and (figures_dir / n).exists() and (figures_dir / n).stat().st_mtime >= started}
+    return prune_notebook(figures_dir, notebook, keep)
+
+
+def batch_summary(executed: Sequence[Path], figures_dir: str | Path, seconds: float) -> str:
+    """One paragraph after a batch run: notebooks, figures, HTML pages and their size."""
+    from .analysis.manifest import read_manifest
+    fdir = Path(figures_dir).resolve()
+    names = {p.stem for p in executed}
+    figs = [n for n, e in read_manifest(fdir)["figures"].items() if e.get("notebook") in names]
+    pages = sorted((fdir / HTML_DIRNAME).glob("*.html"))
+    return (f"{len(executed)} notebook(s) in {seconds:.0f} s: {len(figs)} figures in {fdir} "
+            f"(listed in manifest.json); {len(pages)} HTML page(s) in "
+            f"{fdir / HTML_DIRNAME} ({html_total_bytes(fdir) / 1024:.0f} KiB); executed "
+            f"notebooks and kernel logs in {Path(executed[0]).parent if executed else '-'}")
 
 
 @dataclass(frozen=True)

@@ -20,25 +20,33 @@
 #
 # Dispatch (notebook 02) left every route's token row in the receive window of the rank
 # that owns its expert. Each rank now runs its `NL` local experts on those rows
-# (expert_routed, spec §3.5) and must return every result to the rank the token came
-# from. The combine (spec §3.6) does it in three steps:
+# (expert_routed, a W8A8 SwiGLU per expert that also multiplies by the routing weight;
+# [experts](../docs/design.md#experts)) and must return every result to the rank the
+# token came from. The **combine** ([protocol](../docs/design.md#combine)) does it in
+# three steps:
 #
 # 1. **push-back**: the owner writes result row `recv_y[e, slot]` into
 #    `routed_y_buf[r_route]` *on the origin rank*, keyed by the `r_route = t·K + k` that
 #    travelled with the route;
 # 2. **reduce**: each origin sums, per token, the shared expert's output first and then its
-#    `K` routed rows in order `k = 0, 1, …` (FP32, one BF16 rounding at the end);
-# 3. **hc_post**: the hyper-connection post-mix with the residual gives `x_next`.
+#    `K` routed rows in order `k = 0, 1, …` (FP32, one BF16 rounding at the end;
+#    [reduce](../docs/design.md#reduce));
+# 3. **hc_post**: the hyper-connection **post**-mix of DeepSeek-V4's mHC (the residual is
+#    kept as 4 parallel streams; hc_pre folded them into the layer's input, hc_post writes
+#    the layer's output back into all 4 with the residual) gives `x_next`
+#    ([hc_post](../docs/design.md#hc-post)).
 #
 # We then check what matters: every rank's `x_next` against the single-card reference;
-# the `local` and `gloo` transports against each other (they must be bit-identical); the
-# `pypto` kernels against the `torch` reference (within the spec's tolerance); and a run
-# on windows full of garbage (it must not change a bit).
+# the `local` and `gloo` **transports** (an in-process window model, and one process per
+# rank over torch.distributed) against each other (they must be bit-identical); a run on
+# windows full of garbage (it must not change a bit); and the `pypto` kernels against the
+# `torch` reference (within the reference's tolerance,
+# [tolerance](../docs/design.md#tolerance)). Footers name each figure's source
+# (*computed*: exact CPU computation) and shape.
 
 # %%
 # Only the light validation imports happen before the parameters, so bad values fail fast.
-from moe_kernels.analysis.params import validate_flag, validate_side_run
-from moe_kernels.analysis.params import validate_params
+from moe_kernels.analysis.params import validate_flag, validate_params, validate_side_run
 
 # %% tags=["parameters"]
 preset = "tiny"          # tiny | demo | flash | pro (the batch run uses demo)
@@ -71,10 +79,11 @@ print(f"figures -> {p.figures_dir}")
 
 # %%
 import torch
+from IPython.display import Markdown, display
 
 from moe_kernels.analysis import agreement as ag
 from moe_kernels.analysis import combine_views as cv
-from moe_kernels.analysis import ep_plots, plots
+from moe_kernels.analysis import ep_plots, narrative, plots, review_plots, style
 from moe_kernels.analysis.manifest import FigureWriter
 from moe_kernels.ep import LocalTransport, run_ep_layer
 from moe_kernels.fixtures import make_inputs, make_weights
@@ -85,14 +94,16 @@ out = FigureWriter(p.figures_dir, "03_per_rank_combine",
                    {**p.as_dict(), "compare_gloo": compare_gloo,
                     "compare_pypto": compare_pypto, "pypto_preset": pypto_preset,
                     "pypto_batch": pypto_batch})
+SHAPE = style.run_shape(run)
+EP_RUN = f"computed: EP step ({p.transport} transport, {p.backend} stages) on seeded fixtures"
 
 # %% [markdown]
 # ## 1. One EP step, and the single-card reference
 #
-# The seeded fixtures (spec §5.1) give every rank its tokens and every expert its INT8
-# weights. The reference pushes every rank's tokens through one card holding all experts;
-# the EP run splits the experts over `R` ranks and exchanges rows through the `local`
-# transport, the symmetric-window model whose windows we can look into afterwards.
+# The seeded fixtures give every rank its tokens and every expert its INT8 weights. The
+# reference pushes every rank's tokens through one card holding all experts; the EP run
+# splits the experts over `R` ranks and exchanges rows through the `local` transport,
+# the symmetric-window model whose windows we can look into afterwards.
 
 # %%
 weights = make_weights(cfg, seed)
@@ -100,9 +111,9 @@ inputs = make_inputs(run, seed)
 ref = reference_layer(run, inputs, weights)
 inspectable = LocalTransport()  # kept, so its windows can be read after the step
 ep = run_ep_layer(run, inputs, weights, transport=inspectable, backend=p.backend)
-layout = ep.extra["layout"]
+layout = ep.layout
 print(f"EP step done: {int(layout.placed.sum())} routes placed, "
-      f"{int(ep.extra['dropped'].sum())} dropped; x_next {tuple(ep.x_next.shape)}")
+      f"{int(ep.dropped.sum())} dropped; x_next {tuple(ep.x_next.shape)}")
 
 # %% [markdown]
 # ## 2. Push-back: which rows came from where
@@ -110,13 +121,14 @@ print(f"EP step done: {int(layout.placed.sum())} routes placed, "
 # Every origin rank owns a `routed_y_buf` of `T·K` rows, one per route. Row `t·K + k` is
 # written by exactly one rank: the one owning the expert that token `t` picked in its
 # `k`-th choice. Below, each origin's buffer as a `K × T` grid, coloured by the rank that
-# computed and pushed the row (cells carry the global expert when there are few).
+# computed and pushed the row (the same rank colours as in every figure; cells carry the
+# global expert when there are few).
 
 # %%
 sources = cv.row_sources(layout)
-title = f"routed_y_buf rows by the rank that pushed them back ({cfg.name}, {R} ranks)"
+title = "routed_y_buf rows, coloured by the rank that computed and returned them"
 fig = ep_plots.plot_row_sources(sources.owner, sources.expert, title)
-out.show(fig, "03_pushback_rows.png", title)
+out.show(fig, "03_pushback_rows.png", title, source=EP_RUN, shape=SHAPE)
 
 # %%
 moved = sources.rows_from()
@@ -126,10 +138,10 @@ for o in range(R):
           f"{int(moved[o].sum() - moved[o, o])})")
 
 # %% [markdown]
-# The owner walks its window exactly as the spec's §3.6 step 1 does: for each origin rank
-# in order, each local expert, the slots `[src_off, src_off + n)` that origin's routes
-# took (the same prefix offsets as the dispatch), and sends each row to the `r_route`
-# stored beside it. The first rows of rank 0's walk:
+# The owner walks its window exactly as the protocol's push-back does: for each origin
+# rank in order, each local expert, the slots `[src_off, src_off + n)` that origin's
+# routes took (the same prefix offsets as the dispatch), and sends each row to the
+# `r_route` stored beside it. The first rows of rank 0's walk:
 
 # %%
 walk = cv.pushback_rows(layout, 0)
@@ -140,9 +152,9 @@ print(f"... {len(walk)} rows in all" if len(walk) > 12 else "")
 # ## 3. routed_y_buf and the reduce
 #
 # After the combine barrier each rank's `routed_y_buf` is complete: every row was written
-# in this step, so the buffer needs no clearing (spec §3.8). The reduce adds, per token,
-# the shared expert's output and the `K` routed rows (each already scaled by its routing
-# weight). Their sizes per token on rank 0:
+# in this step, so the buffer needs no clearing. The reduce adds, per token, the shared
+# expert's output and the `K` routed rows (each already scaled by its routing weight).
+# Their sizes per token on rank 0:
 
 # %%
 bufs = torch.stack([inspectable.windows.local(r_, "routed_y_buf").clone() for r_ in range(R)])
@@ -152,9 +164,9 @@ n_show = min(T, ep_plots.TOKENS_SHOWN)
 series = {"shared expert sh": terms[:n_show, 0].tolist()}
 series.update({f"routed k={j}": terms[:n_show, 1 + j].tolist() for j in range(K)})
 fig = plots.plot_lines(range(n_show), series,
-                       f"Terms of the reduce on rank 0, first {n_show} tokens ({cfg.name})",
+                       "Terms of the reduce per token on rank 0: shared vs routed",
                        xlabel="token t on rank 0", ylabel="RMS over D of the term (BF16 units)")
-out.show(fig, "03_reduce_terms.png")
+out.show(fig, "03_reduce_terms.png", source=EP_RUN, shape=SHAPE)
 
 # %% [markdown]
 # The reduce is part of the contract: `ffn_out = bf16(sh + y_0 + … + y_{K−1})`, summed
@@ -163,16 +175,16 @@ out.show(fig, "03_reduce_terms.png")
 # contract protects against: a different summation order (with FP32 partial sums and
 # one final rounding this rarely, if ever, changes a BF16 result) and BF16 accumulation,
 # rounding after every add, which changes a large share of the elements. A backend must
-# accumulate in FP32 and round once, in the spec's order, to stay bit-identical.
+# accumulate in FP32 and round once, in the contract's order, to stay bit-identical.
 
 # %%
-for r_ in range(R):
-    chk = cv.reduce_check(sh[r_], bufs[r_], K, ep.stages["ffn_out"][r_])
+checks = [cv.reduce_check(sh[r_], bufs[r_], K, ep.stages["ffn_out"][r_]) for r_ in range(R)]
+for r_, chk in enumerate(checks):
     print(f"rank {r_}: {chk.summary()}")
 
 # %% [markdown]
-# Last, hc_post mixes `ffn_out` back into the `hc` hyper-connection streams with the
-# residual `x_hc` (spec §2.9): `x_next[o] = bf16(post[o]·ffn_out + Σ_i comb[i,o]·x_hc[i])`.
+# Last, hc_post mixes `ffn_out` back into the 4 hyper-connection streams with the
+# residual `x_hc`: `x_next[o] = bf16(post[o]·ffn_out + Σ_i comb[i,o]·x_hc[i])`.
 
 # %%
 for r_ in range(R):
@@ -182,37 +194,28 @@ for r_ in range(R):
           f"{torch.equal(again, ep.x_next[r_])}")
 
 # %% [markdown]
-# ## 4. Per-rank agreement with the single-card reference
+# ## 4. Agreement: the EP run, the transports, poisoned windows and the backends
 #
-# The EP program must give the single-card answer for every rank. We compare bit for bit,
-# and with the spec's comparator `ratio_reldiff` at the `x_next` tolerance (§5.3:
-# `diff_thd = 0.003`, at most `pct_thd = 5 %` of the points over it).
-
-# %%
-under_test = ep if p.transport == "local" else run_ep_layer(
-    run, inputs, weights, transport=p.transport, backend=p.backend)
-vs_ref = ag.compare(f"EP ({p.transport}, {p.backend}) vs reference", under_test.x_next,
-                    ref.x_next)
-print(vs_ref.summary())
-for a in vs_ref.per_rank:
-    print(" ", a)
-title = f"x_next per rank vs the single-card reference ({cfg.name}, {R} ranks)"
-fig = ep_plots.plot_agreement([vs_ref], title)
-out.show(fig, "03_agreement_per_rank.png", title)
-
-# %% [markdown]
-# ## 5. Transports, poisoned windows and backends side by side
-#
+# * **EP vs reference**: the EP program must give the single-card answer on every rank.
 # * **gloo**: one spawned process per rank, torch.distributed collectives instead of
 #   windows. It moves the same rows, so its `x_next` must be bit-identical to `local`'s.
 # * **poisoned windows**: the `local` transport fills every window with garbage first
 #   (NaN / huge payloads, random counts, stale epochs). The protocol reads only what it
 #   wrote in this step, so nothing may change.
 # * **pypto vs torch**: the pypto stage kernels (CPU interpreter, SIM mode) against the
-#   torch reference on a small shape, within the spec's `x_next` tolerance.
+#   torch reference on a small shape, within the `x_next` tolerance of the reference's
+#   comparator `ratio_reldiff` (`diff_thd = 0.003`, at most `pct_thd = 5 %` of the
+#   elements over it).
+#
+# One figure holds all of them as a **margin to the tolerance**: each dot is one rank's
+# worst element, its error divided by the comparator's threshold (1 = the threshold).
+# Bit-identical runs have no error at all and sit at the left edge.
 
 # %%
-comparisons = []
+under_test = ep if p.transport == "local" else run_ep_layer(
+    run, inputs, weights, transport=p.transport, backend=p.backend)
+comparisons = [ag.compare(f"EP ({p.transport}, {p.backend}) vs reference",
+                          under_test.x_next, ref.x_next)]
 if compare_gloo or p.transport == "gloo":
     gloo = under_test if p.transport == "gloo" else run_ep_layer(
         run, inputs, weights, transport="gloo", backend=p.backend)
@@ -227,8 +230,9 @@ for c in comparisons:
 # The pypto comparison runs the whole EP step twice on the small shape (`pypto_preset`,
 # `pypto_batch`): once with the torch stages, once with the pypto kernels in SIM mode,
 # whose CPU interpreter takes a second or two per stage call. It is off by default to
-# keep the batch run fast; set `compare_pypto = True` to see it. Its first use on a
-# machine also builds pypto's CPU interpreter (about a minute, cached afterwards).
+# keep interactive runs fast (the batch run turns it on). Its first use on a machine
+# also builds pypto's CPU interpreter (about a minute, cached afterwards). Its figure
+# shows every element's error as a share of the threshold.
 
 # %%
 if compare_pypto:
@@ -240,32 +244,24 @@ if compare_pypto:
                           pypto_s.x_next, torch_s.x_next)
     comparisons.append(vs_pypto)
     print(vs_pypto.summary())
-    fig = ep_plots.plot_residuals(
-        pypto_s.x_next, torch_s.x_next,
-        f"x_next error of the pypto kernels vs the torch reference ({run_s.model.name}, "
-        f"{R} ranks, T={run_s.tokens}/rank)",
-        xlabel="torch backend x_next (BF16 value)", diff_thd=ag.X_NEXT_DIFF_THD)
-    out.show(fig, "03_pypto_vs_torch.png")
+    ratio = ag.error_ratio(pypto_s.x_next, torch_s.x_next, ag.X_NEXT_DIFF_THD)
+    fig = review_plots.plot_error_ratio_hist(
+        ratio, "pypto vs torch: every x_next element's error as a share of the threshold",
+        ag.X_NEXT_PCT_THD)
+    out.show(fig, "03_pypto_vs_torch.png",
+             source="computed: pypto kernels (CPU interpreter) vs torch reference",
+             shape=style.run_shape(run_s))
 else:
     print("(compare_pypto = False: pypto comparison skipped)")
 
 # %%
 print(ag.comparison_table(comparisons))
-title = f"Transports, poisoned windows and backends ({cfg.name}, {R} ranks)"
-fig = ep_plots.plot_agreement(comparisons, title)
-out.show(fig, "03_transports_backends.png", title)
+fig = review_plots.plot_agreement_margin(
+    comparisons, "Agreement: every comparison's worst error against the tolerance")
+out.show(fig, "03_agreement_margin.png", source=EP_RUN, shape=SHAPE)
 
-# %% [markdown]
-# ## What we saw
-#
-# * Every `routed_y_buf` row is written exactly once, by the owner of the expert the
-#   route picked, at the `r_route` that travelled with the route; the buffer needs no
-#   clearing, and poisoned windows change nothing.
-# * The reduce's order (shared expert first, then `k = 0 … K−1`) is part of the
-#   contract: it makes the EP result bit-identical to the single-card reference.
-# * `local` and `gloo` move the same bytes and give the same bits; the pypto kernels stay
-#   within the spec's tolerance.
-# * Next: `04_latency` puts Ascend cycle counts on each of these stages.
+# %%
+display(Markdown(narrative.combine_findings(comparisons, checks, moved.tolist())))
 
 # %%
 print("\n".join(str(path.name) for path in out.written))

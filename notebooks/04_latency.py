@@ -156,7 +156,7 @@ notes = {f"rank {r}": f"{recv[r]} rows recv" for r in range(R)}
 title = f"Per-stage latency per rank, {SIM} ({SHAPE})"
 fig = lp.plot_stacked_bars(bars, title, ylabel="SIM latency (us, AICore span at 1.8 GHz)",
                            notes=notes)
-out.show(fig, "04_stage_latency_per_rank.png", title)
+out.show(fig, "04_stage_latency_per_rank.png", title, source="sim", shape=SHAPE)
 
 # %% [markdown]
 # The bars are equal across ranks even when the ranks receive different numbers of
@@ -185,7 +185,7 @@ if tight_whatif:
          f"what-if, C_r = rows received, rounded up: {c_r}":
             torch.tensor([c.aicore_us for c in tight])},
         lp.wrap_title(title, 55), ylabel="SIM latency (us)")
-    out.show(fig, "04_expert_routed_tight_whatif.png", title)
+    out.show(fig, "04_expert_routed_tight_whatif.png", title, source="sim", shape=SHAPE)
 else:
     print("(tight_whatif = False: what-if skipped)")
 
@@ -201,7 +201,7 @@ else:
 swim = per.swim(opt.swim_stage, opt.swim_rank)
 title = f"Swimlane of {opt.swim_stage} on rank {opt.swim_rank}, {SIM} ({SHAPE})"
 fig = lp.plot_swimlane(swim, title)
-out.show(fig, f"04_swimlane_{opt.swim_stage}.png", title)
+out.show(fig, f"04_swimlane_{opt.swim_stage}.png", title, source="sim", shape=SHAPE)
 
 # %%
 print(f"{opt.swim_stage}: {len(swim.tasks)} tasks on {len(swim.lanes)} lanes, span "
@@ -222,7 +222,7 @@ print(format_stage_table(records))
 title = (f"SIM latency vs roofline per stage, {SIM} ({scfg.name}, T={srun.tokens}/rank, "
          f"NL={srun.n_local}, mean load per expert)")
 fig = lp.plot_roofline(records, title)
-out.show(fig, "04_sim_vs_roofline.png", title)
+out.show(fig, "04_sim_vs_roofline.png", title, source="sim", shape=SHAPE)
 
 # %% [markdown]
 # With `roofline_shape = "model"` the same report runs at the model's own shape (the
@@ -236,7 +236,8 @@ if roofline_shape == "model":
     title = (f"SIM latency vs roofline per stage, {SIM} ({cfg.name}, T={run.tokens}/rank, "
              f"NL={run.n_local}, mean load per expert)")
     fig = lp.plot_roofline(model_records, title)
-    out.show(fig, "04_sim_vs_roofline_model_shape.png", title)
+    out.show(fig, "04_sim_vs_roofline_model_shape.png", title, source="sim",
+             shape=f"{cfg.name} · R={R} · T={T}/rank")
 
 # %% [markdown]
 # ## 4. Latency vs tokens and vs ranks
@@ -256,7 +257,7 @@ if opt.run_sweeps:
              f"seq {srun.seq})")
     fig = lp.plot_sweep([r_.tokens for r_ in b_runs], b_series, title,
                         xlabel="tokens per rank T = batch x seq (count)")
-    out.show(fig, "04_latency_vs_tokens.png", title)
+    out.show(fig, "04_latency_vs_tokens.png", title, source="sim", shape=SHAPE)
 else:
     print("(run_sweeps = False: tokens sweep skipped)")
 
@@ -270,7 +271,7 @@ if opt.run_sweeps:
     title = f"Latency vs ranks, {SIM} ({scfg.name}, T={srun.tokens}/rank, NL = E / ranks)"
     fig = lp.plot_sweep([r_.ranks for r_ in r_runs], r_series, title,
                         xlabel="EP ranks (count)", ylabel="SIM latency per rank (us)")
-    out.show(fig, "04_latency_vs_ranks.png", title)
+    out.show(fig, "04_latency_vs_ranks.png", title, source="sim", shape=SHAPE)
 else:
     print("(run_sweeps = False: ranks sweep skipped)")
 
@@ -299,7 +300,8 @@ ep8 = [f for f in published_figures(["communication"]) if f.quantity.endswith("(
 title = (f"Dispatch and combine per rank, {MODEL} (alpha-beta, {opt.messages} messages; "
          f"{cfg.name}, {R} ranks, T={T}/rank, D={cfg.hidden_size})")
 fig = lp.plot_comm_model(cm, title, published=ep8)
-out.show(fig, "04_comm_model.png", title)
+out.show(fig, "04_comm_model.png", title, source="model",
+         shape=f"{cfg.name} · R={R} · T={T}/rank")
 
 # %% [markdown]
 # Put together at the SIM shape, a rank's step is its SIM compute plus the modelled
@@ -315,7 +317,8 @@ title = (f"Per-rank step: {SIM} stages + {MODEL} (hatched; "
          f"{opt.dispatch_link.bandwidth_gbps:g}/{opt.combine_link.bandwidth_gbps:g} GB/s) "
          f"({SHAPE})")
 fig = lp.plot_stacked_bars(step, title, hatched=("dispatch (model)", "combine (model)"))
-out.show(fig, "04_step_per_rank.png", title)
+out.show(fig, "04_step_per_rank.png", title,
+         source="sim: stages; dispatch and combine modelled (hatched)", shape=SHAPE)
 
 # %% [markdown]
 # ## 6. Beside the published figures
@@ -338,7 +341,9 @@ ours += [(f"ours: all stages, rank {busiest} [{SIM}; {SHAPE}]", bars.totals[busi
           f" GB/s, {opt.combine_link.latency_us:g} us/msg]", cm.combine.phase_us, "model")]
 title = "Our SIM and modelled latencies beside published Ascend figures (sources in labels)"
 fig = lp.plot_beside_published(ours, pub, title)
-out.show(fig, "04_beside_published.png", title)
+out.show(fig, "04_beside_published.png", title,
+         source="published: beside our sim and model figures (sources in labels)",
+         shape=SHAPE)
 
 # %% [markdown]
 # ## What we saw

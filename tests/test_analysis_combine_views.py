@@ -1,5 +1,6 @@
 """Combine-notebook views and agreement summaries: row sources and the push-back walk on
-the spec's §3.9 example, the reduce check on a real EP step, per-rank agreement."""
+the worked example, the reduce check on a real EP step, per-rank agreement and the error
+as a share of the comparator's threshold."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from moe_kernels.analysis import agreement as ag
 from moe_kernels.analysis import combine_views as cv
-from moe_kernels.analysis import ep_plots
+from moe_kernels.analysis import ep_plots, review_plots
 from moe_kernels.analysis.plots import figure_png
 from moe_kernels.config import RunConfig, get_preset
 from moe_kernels.ep import LocalTransport, run_ep_layer
@@ -118,17 +119,33 @@ def test_agreement_per_rank_and_comparisons(tiny_step) -> None:
     assert (ag.X_NEXT_DIFF_THD, ag.X_NEXT_PCT_THD) == (3e-3, 0.05)
 
 
+def test_error_ratio_matches_ratio_reldiff(tiny_step) -> None:
+    run, inputs, weights, _, ep = tiny_step
+    ref = reference_layer(run, inputs, weights)
+    noisy = ref.x_next.clone()
+    noisy.view(-1)[:50] += 0.25
+    ratio = ag.error_ratio(noisy, ref.x_next, ag.X_NEXT_DIFF_THD)
+    c = ag.compare("noisy", noisy, ref.x_next)
+    assert int((ratio > 1).sum()) == sum(a.reldiff.n_bad for a in c.per_rank) > 0
+    assert c.worst_ratio == pytest.approx(float(ratio.max()))
+    assert 0 < c.bad_share_of_allowance < 1 and c.passed
+    exact = ag.compare("same", ref.x_next, ref.x_next)
+    assert exact.worst_ratio == 0.0 and exact.bad_share_of_allowance == 0.0
+    with pytest.raises(ValueError, match="diff_thd"):
+        ag.error_ratio(noisy, ref.x_next, 0.0)
+
+
 def test_combine_plots_render(tiny_step) -> None:
     run, inputs, weights, _, ep = tiny_step
     rs = cv.row_sources(ep.layout)
     c = ag.compare("x", ep.x_next, ep.x_next)
+    noisy = ag.compare("noisy", ep.x_next + 0.01, ep.x_next)
+    ratio = ag.error_ratio(ep.x_next + 0.01, ep.x_next, 3e-3)
     for fig in (ep_plots.plot_row_sources(rs.owner, rs.expert, "rows"),
-                ep_plots.plot_agreement([c, c], "agreement"),
-                ep_plots.plot_residuals(ep.x_next, ep.x_next + 0.5, "res", "x", 3e-3)):
+                review_plots.plot_agreement_margin([c, noisy], "agreement"),
+                review_plots.plot_error_ratio_hist(ratio, "ratio", 0.05)):
         assert figure_png(fig)[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="at least one"):
-        ep_plots.plot_agreement([], "x")
-    with pytest.raises(ValueError, match="diff_thd"):
-        ep_plots.plot_residuals(ep.x_next, ep.x_next, "res", "x", 0.0)
+        review_plots.plot_agreement_margin([], "x")
     with pytest.raises(ValueError, match="owner and expert"):
         ep_plots.plot_row_sources(rs.owner, rs.expert[:1], "x")

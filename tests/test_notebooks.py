@@ -14,7 +14,7 @@ TINY = {"preset": "tiny", "ranks": 2, "batch": 4, "seq": 2, "redundant_slots": 2
 ROUTING_FIGURES = {"01_gate_scores.png", "01_routing_weights.png",
                    "01_hash_vs_sort_expert_load.png", "01_skew_expert_load.png",
                    "01_imbalance_vs_skew.png", "01_rank_load.png", "01_eplb_rank_load.png",
-                   "01_eplb_placement.png"}
+                   "01_eplb_placement.png", "01_drop_rate_skew_capacity.png"}
 
 
 def test_notebooks_exist():
@@ -52,6 +52,14 @@ def test_routing_notebook_runs_with_tiny_parameters(tmp_path):
     e = entries["01_eplb_rank_load.png"]
     assert e["notebook"] == "01_routing" and e["package_version"] == __version__
     assert e["parameters"]["preset"] == "tiny" and e["parameters"]["redundant_slots"] == 2
+    assert all(v["source"].startswith("computed") and v["shape"].startswith("tiny")
+               for v in entries.values())
+    cells = nbformat.read(str(out), as_version=4).cells
+    saw = [o["data"]["text/markdown"] for c in cells for o in c.get("outputs", [])
+           if "text/markdown" in o.get("data", {})]
+    assert len(saw) == 1 and saw[0].startswith("## What we saw") and "skew 1" in saw[0]
+    source = "".join(c.source for c in cells)
+    assert "spec §" not in source and "docs/design.md" in source
 
 
 def test_bad_parameter_fails_in_the_first_cell(tmp_path):
@@ -93,12 +101,48 @@ def test_sweep_writes_one_figure_set_per_value(tmp_path):
         nr.sweep(str(nb), {"y": ["1"]}, figures_dir=tmp_path / "sw", progress=False)
 
 
-def test_run_all_applies_main_parameters_where_declared(tmp_path):
+def test_run_all_applies_main_parameters_where_declared(tmp_path, capfd):
     nb = _dummy_notebook(tmp_path / "09_dummy.ipynb")
-    out = nr.run_all([nb], figures_dir=tmp_path / "figs", build_dir=tmp_path / "b",
-                     progress=False)
+    figs = tmp_path / "figs"
+    out = nr.run_all([nb], figures_dir=figs, build_dir=tmp_path / "b", progress=False)
     assert out == [tmp_path / "b" / "09_dummy.ipynb"]
-    assert (tmp_path / "figs" / "out.txt").read_text() == "demo 1"
+    assert (figs / "out.txt").read_text() == "demo 1"
+    page = figs / "notebooks" / "09_dummy.html"                 # browsable copy
+    assert page.exists() and "demo" in page.read_text()
+    assert "without encryption" not in capfd.readouterr().err   # kernel noise -> log
+    assert (tmp_path / "b" / "09_dummy.kernel.log").exists()
+    assert "1 notebook(s)" in nr.batch_summary(out, figs, 1.0)
+
+
+def test_html_links_saved_figures_instead_of_embedding(tmp_path):
+    import base64
+
+    from moe_kernels.notebook_html import figure_index, link_figures
+    png = b"\x89PNG fake bytes"
+    (tmp_path / "01_a.png").write_bytes(png)
+    nb = nbformat.v4.new_notebook()
+    out = nbformat.v4.new_output("display_data", data={
+        "image/png": base64.b64encode(png).decode(), "text/plain": "<Image>"})
+    other = nbformat.v4.new_output("display_data", data={
+        "image/png": base64.b64encode(b"other").decode()})
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[out, other])]
+    assert link_figures(nb, figure_index(tmp_path)) == 1
+    assert nb.cells[0].outputs[0]["data"]["text/html"].startswith('<img src="../01_a.png"')
+    assert "image/png" in nb.cells[0].outputs[1]["data"]
+
+
+def test_run_all_prunes_figures_a_notebook_no_longer_writes(tmp_path):
+    from moe_kernels.analysis import manifest as mf
+    nb = _dummy_notebook(tmp_path / "09_dummy.ipynb")
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "09_old.png").write_bytes(b"x")
+    mf.register_figure(figs, "09_old.png", "09_dummy", {}, source="computed", shape="s")
+    mf.register_figure(figs, "01_keep.png", "01_other", {}, source="computed", shape="s")
+    nr.run_all([nb], figures_dir=figs, build_dir=tmp_path / "b", progress=False,
+               html=False)
+    assert list(mf.read_manifest(figs)["figures"]) == ["01_keep.png"]
+    assert not (figs / "09_old.png").exists()
 
 
 def test_helpers():

@@ -3,6 +3,7 @@ spec's ratio_reldiff comparator (§5.3), summarised for tables and plots.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ class RankAgreement:
     numel: int
     max_abs_err: float
     reldiff: ReldiffResult
+    worst_ratio: float = 0.0   # max over elements of error_ratio (>= 1 is a bad point)
 
     def __str__(self) -> str:
         ident = "bit-identical" if self.bit_identical else f"{self.n_diff} elements differ"
@@ -54,6 +56,17 @@ class Comparison:
     def max_abs_err(self) -> float:
         return max(a.max_abs_err for a in self.per_rank)
 
+    @property
+    def worst_ratio(self) -> float:
+        """Largest error as a share of the per-element threshold, over every rank."""
+        return max(a.worst_ratio for a in self.per_rank)
+
+    @property
+    def bad_share_of_allowance(self) -> float:
+        """Bad points as a share of the allowed fraction pct_thd (worst rank; < 1 passes)."""
+        return max(a.reldiff.bad_fraction for a in self.per_rank) / self.pct_thd \
+            if self.pct_thd else 0.0
+
     def summary(self) -> str:
         """One line: verdict, worst error, tolerance."""
         verdict = ("bit-identical" if self.bit_identical else
@@ -73,6 +86,23 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def error_ratio(actual: torch.Tensor, expected: torch.Tensor, diff_thd: float
+                ) -> torch.Tensor:
+    """Each element's error as a share of ratio_reldiff's threshold (FP64, flat):
+    rdiff / diff_thd with rdiff = |a - e| below diff_thd, else |a - e| / max(|a|, |e|,
+    2^-14/diff_thd); an element is a bad point when the ratio exceeds 1 (spec §5.3)."""
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape mismatch: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    if not diff_thd > 0:
+        raise ValueError(f"diff_thd must be > 0, got {diff_thd!r}")
+    a = actual.detach().to(torch.float64).reshape(-1)
+    e = expected.detach().to(torch.float64).reshape(-1)
+    err = (a - e).abs()
+    floor = torch.full_like(err, 2.0 ** -14 / diff_thd)
+    scale = torch.maximum(torch.maximum(a.abs(), e.abs()), floor) + 1e-9
+    return torch.where(err < diff_thd, err, err / scale) / diff_thd
+
+
 def agreement_per_rank(actual: torch.Tensor, expected: torch.Tensor,
                        diff_thd: float = X_NEXT_DIFF_THD, pct_thd: float = X_NEXT_PCT_THD
                        ) -> list[RankAgreement]:
@@ -88,8 +118,13 @@ def agreement_per_rank(actual: torch.Tensor, expected: torch.Tensor,
         a, e = actual[r], expected[r]
         n_diff = int((_bits(a) != _bits(e)).sum())
         res = ratio_reldiff(a, e, diff_thd, pct_thd)
+        ratio = error_ratio(a, e, diff_thd)
+        finite = ratio[torch.isfinite(ratio)]
+        worst = (math.inf if finite.numel() < ratio.numel()
+                 else float(finite.max()) if finite.numel() else 0.0)
         out.append(RankAgreement(rank=r, bit_identical=n_diff == 0, n_diff=n_diff,
-                                 numel=a.numel(), max_abs_err=res.max_abs_err, reldiff=res))
+                                 numel=a.numel(), max_abs_err=res.max_abs_err, reldiff=res,
+                                 worst_ratio=worst))
     return out
 
 

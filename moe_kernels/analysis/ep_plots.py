@@ -1,19 +1,21 @@
 """Figures of the dispatch and combine notebooks: count / offset matrices, receive
-windows coloured by source rank, bytes per channel, overflow, routed_y_buf row sources
-and per-rank agreement. Same conventions as `plots` (Agg canvas, Okabe-Ito palette,
-titles, units, legends outside the axes; save with `plots.save_figure`)."""
+windows coloured by source rank, link bytes per peer and channel, overflow and
+routed_y_buf row sources. Same conventions as `plots` (Agg canvas, `style` palettes:
+a rank has the same colour in every figure; legends outside the axes). Agreement
+figures live in `review_plots`."""
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
+import matplotlib
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .agreement import Comparison
-from .plots import OKABE_ITO, SLOT_LABELS_MAX, colour, new_figure
+from .plots import SLOT_LABELS_MAX, new_figure
+from .style import OKABE_ITO, colour, legend_outside, rank_colour
 
 #: Colour of an empty window slot / a dropped route.
 EMPTY_COLOUR = "#EEEEEE"
@@ -37,13 +39,13 @@ def _text_colour(v: float, lo: float, hi: float) -> str:
 
 
 def _legend_handles(ranks: int, empty_label: str) -> list[Patch]:
-    return ([Patch(color=colour(r), label=f"source rank {r}") for r in range(ranks)]
+    return ([Patch(color=rank_colour(r), label=f"source rank {r}") for r in range(ranks)]
             + [Patch(color=EMPTY_COLOUR, label=empty_label)])
 
 
 def _rank_cmap(ranks: int) -> ListedColormap:
     """Index 0 = empty, 1 + r = rank r's palette colour."""
-    return ListedColormap([EMPTY_COLOUR] + [colour(r) for r in range(ranks)])
+    return ListedColormap([EMPTY_COLOUR] + [rank_colour(r) for r in range(ranks)])
 
 
 def plot_expert_matrix(mat: torch.Tensor, title: str, cbar_label: str) -> Figure:
@@ -119,40 +121,44 @@ def plot_receive_windows(src_map: torch.Tensor, route_map: torch.Tensor, title: 
 
 
 def plot_channel_bytes(per_peer: Mapping[str, torch.Tensor], title: str) -> Figure:
-    """Left: dispatch bytes (all four channels) per (from, to) rank pair, in KiB.
-    Right: bytes each rank sends per channel (log scale), link and self traffic."""
+    """Link traffic only, in KiB per step (a rank's rows to its own experts never cross a
+    link and are left out). Left: dispatch bytes (four channels) per (from, to) pair,
+    diagonal greyed. Right: link bytes each rank sends, stacked by channel."""
     chans = list(per_peer)
     first = per_peer[chans[0]]
     r = first.shape[0]
-    disp = sum((per_peer[c].to(torch.int64) for c in chans if c != "combine"),
-               torch.zeros_like(first, dtype=torch.int64))
-    fig, (ax0, ax1) = new_figure(11.5, 4.2, ncols=2)
-    kib = disp.to(torch.float64) / 1024
-    im = ax0.imshow(kib.numpy(), cmap="cividis", interpolation="nearest")
+    eye = torch.eye(r, dtype=torch.bool)
+    link = {c: per_peer[c].to(torch.float64).masked_fill(eye, 0.0) / 1024 for c in chans}
+    disp = sum((link[c] for c in chans if c != "combine"), torch.zeros(r, r,
+                                                                     dtype=torch.float64))
+    fig, (ax0, ax1) = new_figure(12.0, 4.4, ncols=2)
+    img = disp.masked_fill(eye, float("nan"))
+    cmap = matplotlib.colormaps["cividis"].with_extremes(bad=EMPTY_COLOUR)
+    im = ax0.imshow(img.numpy(), cmap=cmap, interpolation="nearest", vmin=0.0)
     ax0.grid(False)
+    lo, hi = 0.0, float(torch.nan_to_num(img).max())
     if r * r <= 64:
         for i in range(r):
             for j in range(r):
-                ax0.text(j, i, f"{float(kib[i, j]):.1f}", ha="center", va="center",
-                         fontsize=7, color=_text_colour(float(kib[i, j]), float(kib.min()),
-                                                        float(kib.max())))
+                text = "self\n(no link)" if i == j else f"{float(disp[i, j]):.1f}"
+                ax0.text(j, i, text, ha="center", va="center", fontsize=9,
+                         color="0.3" if i == j else _text_colour(float(disp[i, j]), lo, hi))
     ax0.set_xticks(range(r))
     ax0.set_yticks(range(r))
-    ax0.set(title="dispatch bytes per peer (all 4 channels)",
+    ax0.set(title="dispatch link bytes per peer (4 channels)",
             xlabel="to rank (expert owner)", ylabel="from rank (token origin)")
-    fig.colorbar(im, ax=ax0, label="KiB per step (diagonal: to itself)")
-    width = 0.8 / max(len(chans), 1)
+    fig.colorbar(im, ax=ax0, label="KiB per step")
+    bottom = torch.zeros(r, dtype=torch.float64)
     for i, ch in enumerate(chans):
-        sent = per_peer[ch].to(torch.float64).sum(dim=1)
-        x = torch.arange(r, dtype=torch.float64) - 0.4 + width * (i + 0.5)
-        ax1.bar(x.numpy(), sent.numpy(), width=width, color=colour(i),
+        sent = link[ch].sum(dim=1)
+        ax1.bar(range(r), sent.numpy(), bottom=bottom.numpy(), width=0.6, color=colour(i),
                 label=ch + (" (owner -> origin)" if ch == "combine" else ""))
-    ax1.set_yscale("log")
+        bottom += sent
     ax1.set_xticks(range(r))
-    ax1.set(title="bytes sent per rank and channel", xlabel="sending rank",
-            ylabel="bytes per step (log scale)")
-    ax1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.suptitle(title)
+    ax1.set(title="link bytes each rank sends, by channel", xlabel="sending rank",
+            ylabel="KiB per step (linear)")
+    legend_outside(ax1)
+    fig.suptitle(_wrap(title))
     return fig
 
 
@@ -215,79 +221,8 @@ def plot_row_sources(owner: torch.Tensor, expert: torch.Tensor, title: str,
     fig.suptitle(title + ("\n(cell text: global expert that computed the row)"
                           if labels else ""))
     axes[-1].set_xlabel(f"token t (first {tt} of {t}); routed_y_buf row = t·K + k")
-    handles = [Patch(color=colour(q), label=f"computed on rank {q}") for q in range(r)]
+    handles = [Patch(color=rank_colour(q), label=f"computed on rank {q}") for q in range(r)]
     handles.append(Patch(color=EMPTY_COLOUR, label="dropped (zero row)"))
     axes[0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                    fontsize=8, frameon=False)
-    return fig
-
-
-def plot_agreement(comparisons: Sequence[Comparison], title: str) -> Figure:
-    """Per rank and comparison: max |error| (left, symlog; 'bit-identical' marked) and
-    the fraction of points over diff_thd against the allowed pct_thd (right)."""
-    if not comparisons:
-        raise ValueError("plot_agreement needs at least one comparison")
-    r = len(comparisons[0].per_rank)
-    fig, (ax0, ax1) = new_figure(12.0, 4.2, ncols=2)
-    width = 0.8 / len(comparisons)
-    for i, c in enumerate(comparisons):
-        x = torch.arange(r, dtype=torch.float64) - 0.4 + width * (i + 0.5)
-        err = [a.max_abs_err for a in c.per_rank]
-        frac = [a.reldiff.bad_fraction for a in c.per_rank]
-        ax0.bar(x.numpy(), err, width=width, color=colour(i), label=c.label)
-        ax1.bar(x.numpy(), frac, width=width, color=colour(i), label=c.label)
-        for xi, a in zip(x.tolist(), c.per_rank, strict=True):
-            if a.bit_identical:
-                ax0.text(xi, 0.0, " bit-identical", ha="center", va="bottom",
-                         fontsize=7, rotation=90)
-    worst = max(c.max_abs_err for c in comparisons)
-    worst_frac = max(a.reldiff.bad_fraction for c in comparisons for a in c.per_rank)
-    ax0.set_yscale("symlog", linthresh=1e-3)
-    ax0.set_ylim(0, max(1e-2, 3 * worst))
-    pct = comparisons[0].pct_thd
-    ax1.set_ylim(0, max(1.3 * pct, 1.1 * worst_frac))
-    ax1.axhline(pct, color="0.2", linestyle="--", label=f"allowed fraction pct_thd={pct:g}")
-    for ax in (ax0, ax1):
-        ax.set_xticks(range(r))
-        ax.set_xlabel("rank")
-    ax0.set(title="max |x_next - expected| per rank",
-            ylabel="max absolute error (x_next units, symlog)")
-    ax1.set(title=f"ratio_reldiff: points over diff_thd={comparisons[0].diff_thd:g}",
-            ylabel="fraction of x_next elements (unitless)")
-    ax1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.suptitle(title)
-    return fig
-
-
-def plot_residuals(actual: torch.Tensor, expected: torch.Tensor, title: str, xlabel: str,
-                   diff_thd: float, max_points: int = 20000) -> Figure:
-    """Error (actual - expected) against the expected value for an evenly spaced
-    subsample of elements, with ratio_reldiff's bound: a point is bad when
-    |err| >= diff_thd and |err| / max(|actual|, |expected|) > diff_thd."""
-    a = actual.detach().reshape(-1).to(torch.float64)
-    e = expected.detach().reshape(-1).to(torch.float64)
-    if a.numel() != e.numel() or a.numel() == 0:
-        raise ValueError(f"actual and expected must have as many elements (> 0), got "
-                         f"{a.numel()} and {e.numel()}")
-    if not diff_thd > 0:
-        raise ValueError(f"diff_thd must be > 0, got {diff_thd!r}")
-    step = max(1, a.numel() // max_points)
-    a, e = a[::step], e[::step]
-    err = a - e
-    bad = (err.abs() >= diff_thd) & (err.abs() / torch.maximum(a.abs(), e.abs()).clamp_min(
-        1e-30) > diff_thd)
-    fig, (ax,) = new_figure(7.0, 4.2)
-    shown = f"all {a.numel()}" if step == 1 else f"{a.numel()} (every {step}th)"
-    ax.scatter(e[~bad].numpy(), err[~bad].numpy(), s=3, color=colour(4), alpha=0.5,
-               label=f"elements within tolerance ({shown} shown)")
-    ax.scatter(e[bad].numpy(), err[bad].numpy(), s=6, color=colour(5),
-               label=f"over diff_thd ({int(bad.sum())} shown)")
-    lo, hi = float(e.min()), float(e.max())
-    xs = torch.linspace(lo, hi, 201, dtype=torch.float64)
-    bound = torch.maximum(xs.abs() * diff_thd, torch.full_like(xs, diff_thd))
-    ax.plot(xs.numpy(), bound.numpy(), color="0.2", linestyle="--",
-            label=f"max(diff_thd, diff_thd·|x|), diff_thd={diff_thd:g}")
-    ax.plot(xs.numpy(), (-bound).numpy(), color="0.2", linestyle="--")
-    ax.set(title=_wrap(title), xlabel=xlabel, ylabel="actual - expected (same units)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return fig

@@ -275,7 +275,7 @@ def layout_inputs(run: RunConfig, seed: int, skew: float = 0.0,
     if use_worked_example:
         ex = worked_example()
         return LayoutInputs(indices=ex.indices(), n_local=ex.n_local, capacity=ex.capacity,
-                            d_model=d, source="spec §3.9 worked example")
+                            d_model=d, source="the worked example")
     base = route_tokens(run, seed).indices(run.routing).to(torch.int64)
     n_experts = run.model.n_routed_experts
     idx = skew_routing(base, n_experts, skew, seed).to(torch.int64) if skew > 0 else base

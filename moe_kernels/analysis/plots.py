@@ -20,24 +20,18 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import PlaceHolderLayoutEngine
 from matplotlib.patches import Patch
 
-#: Okabe & Ito (2008) colour-blind-safe palette: orange, sky blue, bluish green, yellow,
-#: blue, vermillion, reddish purple, black.
-OKABE_ITO: tuple[str, ...] = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2",
-                              "#D55E00", "#CC79A7", "#000000")
-#: Fixed output resolution (dots per inch) of every saved PNG.
-FIG_DPI = 100
+from .style import FIG_DPI, colour, legend_outside, readable
+from .whatif import near_overflow
+
 #: Expert-load plots draw grouped bars up to this many experts, step lines beyond.
 BARS_MAX = 64
+#: Near-overflow labels drawn per series in expert-load plots (the fullest first).
+NEAR_MARKS = 3
 #: Slot maps print expert ids in cells only up to this many cells.
 SLOT_LABELS_MAX = 400
 #: PNG metadata: matplotlib writes a "Software" key by default; None drops it.
 PNG_METADATA: dict[str, str | None] = {"Software": None}
 
-
-
-def colour(i: int) -> str:
-    """The i-th palette colour (cycling)."""
-    return OKABE_ITO[i % len(OKABE_ITO)]
 
 
 def new_figure(width: float = 7.0, height: float = 4.0, ncols: int = 1, nrows: int = 1
@@ -53,11 +47,13 @@ def new_figure(width: float = 7.0, height: float = 4.0, ncols: int = 1, nrows: i
 
 
 def figure_png(fig: Figure, dpi: int = FIG_DPI) -> bytes:
-    """The figure's PNG bytes (fixed dpi, no date or Software metadata).
+    """The figure's PNG bytes (fixed dpi, no date or Software metadata), after
+    `style.readable` (no text under MIN_FONT_PT, log axes named).
 
     Constrained layout moves axes a little on every draw until it settles, so a second
     save of the same figure would differ from the first; the layout is therefore run
     once and then frozen (layout engine 'none') before rendering."""
+    readable(fig)
     engine = fig.get_layout_engine()
     if engine is not None and not isinstance(engine, PlaceHolderLayoutEngine):
         fig.set_dpi(dpi)
@@ -83,7 +79,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = FIG_DPI) -> Path:
 
 def _legend(ax) -> None:
     """Legend outside the axes on the right, so it never hides data."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    legend_outside(ax)
 
 
 def _headroom(ax, frac: float = 0.12) -> None:
@@ -131,6 +127,18 @@ def plot_weight_hist(series: Mapping[str, torch.Tensor], title: str, bins: int =
     return fig
 
 
+def _mark_near_overflow(ax, loads: Mapping[str, torch.Tensor], capacity: int,
+                        width: float) -> None:
+    """Label the fullest experts within NEAR_OVERFLOW of `capacity` (or over it):
+    'e7 127/128' above the bar, at most NEAR_MARKS per series."""
+    for i, load in enumerate(loads.values()):
+        for n in near_overflow(load, capacity)[:NEAR_MARKS]:
+            x = n.expert - 0.4 + width * (i + 0.5) if load.numel() <= BARS_MAX else n.expert
+            ax.annotate(f"e{n.expert} {n.load}/{capacity}", (x, n.load), xytext=(0, 4),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=9,
+                        color=colour(5) if n.headroom < 0 else "black")
+
+
 def plot_expert_load(loads: Mapping[str, torch.Tensor], n_local: int, title: str,
                      capacity: int | None = None) -> Figure:
     """Grouped bars of routes per global expert, one series per label, rank blocks
@@ -150,8 +158,9 @@ def plot_expert_load(loads: Mapping[str, torch.Tensor], n_local: int, title: str
         ax.bar(x.numpy(), y, width=width, color=colour(i), label=label)
     if capacity is not None:
         ax.axhline(capacity, color=colour(5), linestyle="--",
-                   label=f"receive capacity RECV_MAX = {capacity} rows")
-    _headroom(ax)
+                   label=f"receive capacity C = {capacity} rows per expert")
+        _mark_near_overflow(ax, loads, capacity, width)
+    _headroom(ax, 0.2 if capacity is not None else 0.12)
     _rank_spans(ax, n_experts, n_local)
     ax.set(title=title, xlabel="global expert id", ylabel="routes received (rows)")
     step = 1 if n_experts <= 32 else 1 << max(0, (n_experts // 16 - 1).bit_length())

@@ -1,0 +1,73 @@
+"""Executed notebooks as browsable HTML beside the figures they wrote.
+
+`export_html` converts an executed notebook with nbconvert. Every displayed PNG that is
+byte-for-byte one of the figures in the figures folder becomes a link to that file
+(`<img src="../01_x.png">`) instead of a second, base64-embedded copy, so the pages stay
+small (the whole set well under HTML_BUDGET_BYTES) and always show the committed PNGs.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import html
+from pathlib import Path
+
+#: Sub-folder of the figures folder that holds the HTML pages.
+HTML_DIRNAME = "notebooks"
+#: Upper bound of all pages together (bytes); `html_total_bytes` reports the sum.
+HTML_BUDGET_BYTES = 5 * 1024 * 1024
+#: nbconvert template: "classic" carries far less CSS than "lab" and reads the same.
+HTML_TEMPLATE = "classic"
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def figure_index(figures_dir: Path) -> dict[str, str]:
+    """sha256 of every PNG in figures_dir -> its file name."""
+    return {_digest(p.read_bytes()): p.name for p in sorted(Path(figures_dir).glob("*.png"))}
+
+
+def link_figures(nb: object, index: dict[str, str], prefix: str = "../") -> int:
+    """Replace, in place, every image/png output of `nb` whose bytes are a known figure
+    with an HTML <img> pointing at it; returns how many were replaced."""
+    replaced = 0
+    for cell in nb.cells:  # type: ignore[attr-defined]
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            png = data.get("image/png")
+            if not png:
+                continue
+            name = index.get(_digest(base64.b64decode(png)))
+            if name is None:
+                continue
+            src = html.escape(prefix + name, quote=True)
+            out["data"] = {"text/html": f'<img src="{src}" alt="{html.escape(name)}" '
+                                        f'style="max-width:100%">',
+                           "text/plain": name}
+            out["metadata"] = {}
+            replaced += 1
+    return replaced
+
+
+def export_html(executed: str | Path, figures_dir: str | Path) -> Path:
+    """Write figures_dir/notebooks/<name>.html from the executed notebook `executed`,
+    linking (not embedding) the figures it saved; returns the page's path."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    fdir = Path(figures_dir)
+    nb = nbformat.read(str(executed), as_version=4)
+    nb = copy.deepcopy(nb)
+    link_figures(nb, figure_index(fdir))
+    body, _ = HTMLExporter(template_name=HTML_TEMPLATE).from_notebook_node(nb)
+    out = fdir / HTML_DIRNAME / f"{Path(executed).stem}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def html_total_bytes(figures_dir: str | Path) -> int:
+    """Bytes of all HTML pages under figures_dir/notebooks."""
+    return sum(p.stat().st_size for p in (Path(figures_dir) / HTML_DIRNAME).glob("*.html"))
