@@ -8,7 +8,8 @@ import pytest
 from moe_kernels.pto import explain as ex
 
 FIXED = SimpleNamespace(task_us=0.2, dispatch_us=0.15, link_us=2.0, fanout_us=0.25,
-                        dma_us=0.8, op_us=0.02, load_us_per_kib=0.01)
+                        dma_us=0.8, op_us=0.02, load_us_per_kib=0.01,
+                        store_us=0.2, store_us_per_kib=0.01)
 
 
 def _event(pid, tid, ts, name, dur=10):
@@ -49,6 +50,8 @@ def _run_folder(tmp_path):
         _event(40024, 106, 750, "4 COPY_IN 5 DDR_[0,0][8,8] 256B TO 9 UB_[0,0][8,8] 1024B"),
         _event(40024, 108, 800, "5 ADD 8 UB, 9 UB TO 10 UB_[0,0][8,8] 256B"),
         _event(40024, 106, 10, "6 Pipe Init"),
+        {"ph": "M", "name": "thread_name", "pid": 40024, "tid": 110, "args": {"name": "MTE_OUT"}},
+        _event(40024, 110, 850, "8 COPY_OUT 10 UB_[0,0][8,8] 256B TO 12 DDR_[0,0][8,8] 4096B"),
         # on the other core: not on the path
         _event(40025, 106, 160, "7 COPY_IN 5 DDR_[0,0][8,8] 256B TO 11 UB_[0,0][8,8] 256B"),
     ]
@@ -67,7 +70,8 @@ def test_critical_path_and_counts(tmp_path):
     c = ex.path_counts(folder)
     # task 1 is the first root to start; task 3 is task 1's second successor to start
     assert c == ex.PathCounts(tasks=2, first_position=0, links=(1,), loads=3,
-                              load_bytes=2048 + 1024 + 1024, vec_ops=2)
+                              load_bytes=2048 + 1024 + 1024, vec_ops=2, stores=1,
+                              store_bytes=256)
 
 
 def test_explain_prices_counts_and_picks_the_dominant_part():
@@ -75,7 +79,10 @@ def test_explain_prices_counts_and_picks_the_dominant_part():
                       vec_ops=10)
     e = ex.explain(c, FIXED, hbm_us=1.0, cube_us=0.5, vec_us=0.1)
     assert e.task_us == pytest.approx(2 * 0.2 + 4 * 0.15 + 2.0 + 0.25)
-    assert e.dma_us == pytest.approx(3 * 0.8 + 4 * 0.01)
+    assert e.dma_us == pytest.approx(3 * 0.8 + 4 * 0.01)       # loads longer than stores
+    st = ex.explain(ex.PathCounts(1, 0, (), 1, 0, 0, stores=8, store_bytes=8192), FIXED,
+                    0.0, 0.0, 0.0)
+    assert st.dma_us == pytest.approx(8 * 0.2 + 8 * 0.01)
     assert e.chain_us == pytest.approx(0.2)
     assert e.latency_us == pytest.approx(e.task_us + e.dma_us + e.chain_us)
     assert e.bound_us == pytest.approx(e.latency_us)

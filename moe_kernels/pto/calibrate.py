@@ -246,7 +246,8 @@ def calibration() -> Calibration:
 #: FIX_DMAS tiny loads in one task (MTE_IN cost per DMA), FIX_OPS dependent tiny ops in one
 #: task (latency per op), FIX_LINKS tasks each waiting on the previous one (dependency
 #: resolution + dispatch per link), FIX_FANOUT consumer tasks of one producer (resolution
-#: per successor). Measured: 0.17 / 0.78 / 0.022 / 2.4 / 0.22 us.
+#: per successor), and the same FIX_DMAS sizes as stores of one tile (MTE_OUT cost per
+#: store). Measured: 0.16 / 0.78 / 0.022 / 2.4 / 0.21 / 0.17 us.
 FIX_ROWS, FIX_COLS = 8, 8
 FIX_TASKS, FIX_DMAS, FIX_OPS, FIX_LINKS, FIX_FANOUT = (1, 48), (2, 10), (2, 40), (1, 8), (1, 32)
 #: Load bytes: the FIX_DMAS kernel on [FIX_ROWS, FIX_BIG_COLS] FP32 tiles (64 KiB, a typical
@@ -265,7 +266,8 @@ class FixedCosts:
     fanout_us: per extra successor of one task (resolved one after another);
     dma_us: per extra tiny load in a task (MTE_IN is one serial pipe per core);
     op_us: per extra dependent tiny vector op in a task;
-    load_us_per_kib: per KiB of a load beyond dma_us (one core's MTE_IN rate).
+    load_us_per_kib: per KiB of a load beyond dma_us (one core's MTE_IN rate);
+    store_us, store_us_per_kib: the same for stores (MTE_OUT, a pipe of its own).
     """
 
     task_us: float
@@ -275,6 +277,8 @@ class FixedCosts:
     dma_us: float
     op_us: float
     load_us_per_kib: float
+    store_us: float
+    store_us_per_kib: float
     key: str
 
     def to_dict(self) -> dict:
@@ -282,7 +286,7 @@ class FixedCosts:
 
 
 def _fix_key() -> str:
-    return json.dumps({"v": 1, "pypto": rt.installed_pypto_version(),
+    return json.dumps({"v": 2, "pypto": rt.installed_pypto_version(),
                        "tile": [FIX_ROWS, FIX_COLS], "tasks": FIX_TASKS, "dmas": FIX_DMAS,
                        "ops": FIX_OPS, "links": FIX_LINKS, "fanout": FIX_FANOUT,
                        "big_cols": FIX_BIG_COLS},
@@ -312,6 +316,14 @@ def _fixed_kernel(kind: str, n: int, c: int = FIX_COLS):
                 acc = pypto.add(acc, pypto.view(x, [r, c], [0, j * c]))
             y[:] = acc
         return fix_dmas_k, (torch.zeros(r, n * c), torch.empty(r, c))
+    if kind == "stores":
+        @pypto.frontend.jit(**opts)
+        def fix_stores_k(x: pypto.Tensor((r, c), f32), y: pypto.Tensor((r, n * c), f32)):
+            pypto.set_vec_tile_shapes(r, c)
+            a = pypto.mul(x, 0.999)
+            for j in range(n):                                # n stores of one tile
+                pypto.assemble(a, [0, j * c], y)
+        return fix_stores_k, (torch.zeros(r, c), torch.empty(r, n * c))
     if kind == "ops":
         @pypto.frontend.jit(**opts)
         def fix_ops_k(x: pypto.Tensor((r, c), f32), y: pypto.Tensor((r, c), f32)):
@@ -367,11 +379,14 @@ def measure_fixed() -> FixedCosts:
     _, fanout = slope("fanout", FIX_FANOUT)
     _, big_load = slope("dmas", FIX_DMAS, FIX_BIG_COLS)
     kib = FIX_ROWS * (FIX_BIG_COLS - FIX_COLS) * 4 / 1024
+    _, store = slope("stores", FIX_DMAS)
+    _, big_store = slope("stores", FIX_DMAS, FIX_BIG_COLS)
     # a link's slope holds one more (tiny) task; the task beyond its load is the one-task
     # kernel (1 load, 1 op, 1 store) minus one DMA
     return FixedCosts(task_us=one_task - dma, dispatch_us=dispatch,
                       link_us=link_total - one_task, fanout_us=fanout, dma_us=dma, op_us=op,
-                      load_us_per_kib=(big_load - dma) / kib, key=_fix_key())
+                      load_us_per_kib=(big_load - dma) / kib, store_us=store,
+                      store_us_per_kib=(big_store - store) / kib, key=_fix_key())
 
 
 @functools.lru_cache(maxsize=4)

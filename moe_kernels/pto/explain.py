@@ -13,7 +13,8 @@ kernel's own SIM run and prices it with costs calibrated on microkernels
   first wave (`dispatch_us` per earlier root task), per dependent link `link_us` plus
   `fanout_us` per successor of the producer resolved before it;
 * DMA part: per load on the path (MTE_IN events of the path's tasks in
-  `_simulate.pefetto.trace.json`) `dma_us` plus its bytes at `load_us_per_kib`;
+  `_simulate.pefetto.trace.json`) `dma_us` plus its bytes at `load_us_per_kib`, or the
+  stores (MTE_OUT, a pipe of its own) at `store_us` / `store_us_per_kib` if longer;
 * chain part: per vector op on the path (VECTOR_ALU events) `op_us`: the dependent chain
   of tiny ops (Sinkhorn iterations, the top-k / softplus tail) at its per-op latency.
 
@@ -35,8 +36,9 @@ from .swim import AICORE_TYPES
 
 _CORE_RE = re.compile(r"(AIC|AIV)_\d+")
 _TO_BYTES_RE = re.compile(r" TO .*?(\d+)B")
-#: Pipes whose events are loads (GM -> UB / L1) and vector ops, in pypto's trace names.
-LOAD_PIPE, VECTOR_PIPE = "MTE_IN", "VECTOR_ALU"
+#: Pipes whose events are loads (GM -> UB / L1), stores and vector ops (pypto's names).
+LOAD_PIPE, STORE_PIPE, VECTOR_PIPE = "MTE_IN", "MTE_OUT", "VECTOR_ALU"
+_FROM_BYTES_RE = re.compile(r"(\d+)B TO ")
 #: Names of the parts, in table order.
 PARTS: tuple[str, ...] = ("task", "dma", "chain", "hbm", "cube", "vec")
 
@@ -51,6 +53,8 @@ class PathCounts:
     loads: int                      # MTE_IN events of the path's tasks
     load_bytes: int                 # their destination bytes
     vec_ops: int                    # VECTOR_ALU events of the path's tasks
+    stores: int = 0                 # MTE_OUT events of the path's tasks
+    store_bytes: int = 0            # their source bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,8 +144,8 @@ def critical_path(tasks: Mapping[int, dict], pred: Mapping[int, list[int]]
 
 
 def _pipe_counts(trace: list[Mapping], tasks: Mapping[int, dict], on_path: set[int]
-                 ) -> tuple[int, int, int]:
-    """(loads, load bytes, vector ops) of the tasks `on_path`. A pipe event belongs to the
+                 ) -> dict[str, int]:
+    """loads, load bytes, vector ops, stores, store bytes of the tasks `on_path`. A pipe event belongs to the
     task running on its core at its start time (the trace's own TASK[] numbers are not
     the swim's task ids)."""
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace
@@ -151,19 +155,25 @@ def _pipe_counts(trace: list[Mapping], tasks: Mapping[int, dict], on_path: set[i
     windows: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for tid in on_path:
         windows[tasks[tid]["lane"]].append((tasks[tid]["s"], tasks[tid]["e"]))
-    loads = load_bytes = vec_ops = 0
+    n: dict[str, int] = defaultdict(int)
     for e in trace:
         lane = core_pid.get(e.get("pid")) if e.get("ph") == "X" else None
         if lane not in windows or not any(s <= e["ts"] < t for s, t in windows[lane]):
             continue
         pipe = names.get((e["pid"], e["tid"]), "")
-        if pipe == LOAD_PIPE and " TO " in e["name"]:
-            loads += 1
+        if " TO " not in e["name"]:
+            continue
+        if pipe == LOAD_PIPE:
+            n["loads"] += 1
             b = _TO_BYTES_RE.search(e["name"])
-            load_bytes += int(b.group(1)) if b else 0
-        elif pipe == VECTOR_PIPE and " TO " in e["name"]:
-            vec_ops += 1
-    return loads, load_bytes, vec_ops
+            n["load_bytes"] += int(b.group(1)) if b else 0
+        elif pipe == STORE_PIPE:
+            n["stores"] += 1
+            b = _FROM_BYTES_RE.search(e["name"])
+            n["store_bytes"] += int(b.group(1)) if b else 0
+        elif pipe == VECTOR_PIPE:
+            n["vec_ops"] += 1
+    return {k: n[k] for k in ("loads", "load_bytes", "vec_ops", "stores", "store_bytes")}
 
 
 def path_counts(folder: str | Path) -> PathCounts:
@@ -182,9 +192,9 @@ def path_counts(folder: str | Path) -> PathCounts:
         prev = path[i - 1][0]
         sibs = [k for k in succ.get(prev, []) if k in tasks]
         links.append(sum(1 for k in sibs if tasks[k]["s"] < tasks[tid]["s"]))
-    loads, load_bytes, vec_ops = _pipe_counts(trace, tasks, {tid for tid, _ in path})
+    pipes = _pipe_counts(trace, tasks, {tid for tid, _ in path})
     return PathCounts(tasks=len(path), first_position=first_pos, links=tuple(links),
-                      loads=loads, load_bytes=load_bytes, vec_ops=vec_ops)
+                      **pipes)
 
 
 def explain(counts: PathCounts | None, fixed: Any, hbm_us: float, cube_us: float,
@@ -195,7 +205,10 @@ def explain(counts: PathCounts | None, fixed: Any, hbm_us: float, cube_us: float
         return Explanation(0.0, 0.0, 0.0, hbm_us, cube_us, vec_us, None)
     task = (counts.tasks * fixed.task_us + counts.first_position * fixed.dispatch_us
             + sum(fixed.link_us + n * fixed.fanout_us for n in counts.links))
-    dma = counts.loads * fixed.dma_us + counts.load_bytes / 1024 * fixed.load_us_per_kib
+    # loads and stores run on two pipes of their own: the longer of the two chains
+    dma = max(counts.loads * fixed.dma_us + counts.load_bytes / 1024 * fixed.load_us_per_kib,
+              counts.stores * fixed.store_us
+              + counts.store_bytes / 1024 * fixed.store_us_per_kib)
     return Explanation(task_us=task, dma_us=dma, chain_us=counts.vec_ops * fixed.op_us,
                        hbm_us=hbm_us, cube_us=cube_us, vec_us=vec_us, counts=counts)
 
