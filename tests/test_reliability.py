@@ -2,6 +2,7 @@
 (0 ok, 1 failed check or fault, 2 bad input; one line, no traceback), seeds, output
 paths, notebook defaults and pypto's side files."""
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,23 @@ def test_cache_folder_that_is_a_file_is_a_config_error(tmp_path):
         side_files.check_cache_folder(f, "MOE_KERNELS_PYPTO_CACHE")
     assert side_files.check_cache_folder(tmp_path / "new", "X") == tmp_path / "new"
     assert Path(tmp_path / "new").is_dir()
+
+
+def test_routed_weights_are_built_without_a_second_copy():
+    """Peak RSS growth while generating routed weights stays near their INT8 size (the
+    old per-expert list + torch.stack held two copies of every expert)."""
+    code = (
+        "import resource, torch\n"
+        "from moe_kernels.config import get_preset\n"
+        "from moe_kernels.fixtures import make_routed_weights\n"
+        "cfg = get_preset('tiny', n_routed_experts=64, hidden_size=1024, "
+        "moe_intermediate_size=1024)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "w = make_routed_weights(cfg, 0)\n"
+        "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024\n"
+        "print(grew, sum(t.numel() * t.element_size() for t in w))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=300, check=True).stdout.split()
+    grew, size = int(out[0]), int(out[1])
+    assert size > 190 * 1024 ** 2
+    assert grew < 1.4 * size, f"RSS grew {grew / 2**20:.0f} MiB for {size / 2**20:.0f} MiB"
