@@ -156,7 +156,9 @@ def format_summary(result: LayerResult, timings: dict[str, float], label: str) -
 def _layer_mode(args: argparse.Namespace, run: RunConfig) -> str | None:
     """The transport of a layer run (None = the single-card reference); rejects options
     that the chosen mode would silently ignore."""
-    if args.transport is None and run.ranks == 1 and not _under_torchrun():
+    if _under_torchrun():
+        return "gloo"
+    if args.transport is None and run.ranks == 1:
         if args.poison or args.overflow != "error" or args.timeout is not None:
             raise ConfigError("--poison, --overflow and --timeout apply to the EP program; "
                               "with --ranks 1 give --transport local or gloo")
