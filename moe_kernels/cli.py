@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import comm_cmd
+from . import comm_cmd, step_cmd
 from .backend import BACKENDS, get_backend
 from .config import PRESETS, ConfigError, RunConfig, check_seed, get_preset
 from .dump import result_field
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     rpl = sub.add_parser("replay", help="rerun a --dump file and check x_next bit for bit")
     rpl.add_argument("file", type=Path, help="a .pt written by layer --dump")
     comm_cmd.add_parser(sub)
+    step_cmd.add_parser(sub)
     add_eplb_parser(sub)
     return parser
 
@@ -283,6 +284,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 COMMANDS = {"layer": cmd_layer, "stages": cmd_stages, "sweep": cmd_sweep,
             "figures": cmd_figures, "replay": cmd_replay}
 COMMANDS["comm"] = comm_cmd.run
+COMMANDS["step"] = step_cmd.run
 COMMANDS["eplb"] = cmd_eplb
 
 

@@ -190,3 +190,24 @@ def test_routes_validate_on_host():
     empty, lat = routes.pack_routes(torch.zeros(2, 16, dtype=torch.int8), torch.zeros(2, 1),
                                     torch.zeros(2, 2), torch.tensor([], dtype=torch.int32))
     assert empty.x.shape == (0, 16) and lat is None
+
+
+def test_expert_routed_uneven_counts_with_zeros(tiny):
+    """The kernel is specialised to the received counts (16-row bound per expert, experts
+    with none left out): rows that exist are bit-exact, every other row is exactly 0."""
+    cfg, w = tiny
+    nl, c, d = 4, 20, cfg.hidden_size
+    sl = slice(0, nl)
+    ws = ExpertWeights(w.routed_w1[sl], w.routed_w1_scale[sl], w.routed_w3[sl],
+                       w.routed_w3_scale[sl], w.routed_w2[sl], w.routed_w2_scale[sl])
+    x = _rand_i8("ux", nl, c, d)
+    scale = torch.rand(nl, c, generator=generator(9, "us")) * 0.02
+    wt = torch.rand(nl, c, generator=generator(9, "uw"))
+    count = torch.tensor([0, 3, 17, 0])
+    y, lat = ffn.expert_routed(x, scale, wt, count, ws, cfg.swiglu_limit)
+    assert torch.equal(y, ref_er.expert_routed(x, scale, wt, count, ws, cfg.swiglu_limit))
+    assert lat.aicore_us > 0
+    assert ffn.routed_rows(count.tolist(), c) == (0, 16, 20, 0)
+    _, none = ffn.expert_routed(x, scale, wt, torch.zeros(nl, dtype=torch.int64), ws,
+                                cfg.swiglu_limit)
+    assert none is None   # nothing received: no kernel, no weights streamed

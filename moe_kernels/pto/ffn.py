@@ -8,6 +8,7 @@ the spec dequantises in FP32: we take the INT32 accumulator and dequantise with 
 """
 # No `from __future__ import annotations`: pypto reads kernel annotations as objects.
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -145,15 +146,54 @@ def expert_shared(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
     return sh, lat
 
 
-@functools.lru_cache(maxsize=16)
-def _routed_kernel(nl: int, c: int, d: int, i: int, limit: float):
-    pypto = rt.ensure_ready()
-    rt_ = divisor_tile("rows per expert", c, ROW_TILE)
-    ct = divisor_tile("min(hidden, intermediate)", min(d, i), COL_TILE)
-    swiglu = _swiglu_rows
-    tiles = _cube_tiles
+#: Row quantum of the routed kernel: each local expert computes its received rows rounded
+#: up to the cube's 16-row M fractal (and capped at the capacity C); an expert that
+#: received nothing is left out of the kernel, so its weights are never streamed.
+ROUTED_ROW_QUANTUM = 16
 
-    @pypto.frontend.jit(**rt.jit_options())
+
+def routed_rows(counts: Sequence[int], capacity: int) -> tuple[int, ...]:
+    """Rows the routed kernel computes per local expert for received `counts`:
+    min(C, ceil(count / 16) · 16), and 0 for an expert that received no row."""
+    q = ROUTED_ROW_QUANTUM
+    out = []
+    for n in counts:
+        n = int(n)
+        if not 0 <= n <= capacity:
+            raise ValueError(f"recv_count must lie in [0, capacity={capacity}], got {n}")
+        out.append(min(capacity, -(-n // q) * q))
+    return tuple(out)
+
+
+def _routed_expert(pypto, e: int, rows: tuple[int, ...], c: int, d: int, i: int, ct: int,
+                   limit: float, ins: tuple, y) -> None:
+    """Traced inside the routed kernel: local expert e over its first rows[e] slots.
+    (A plain function: the kernel parser takes neither `continue` nor tuple unpacking.)"""
+    x, xs, rw, w1, s1, w3, s3, w2, s2 = ins
+    m = rows[e]
+    pypto.set_vec_tile_shapes(divisor_tile("rows of a local expert", m, ROW_TILE), ct)
+    _cube_tiles(pypto, m, (d, i))
+    ye = _swiglu_rows(pypto, pypto.view(x, [m, d], [e * c, 0]),
+                      pypto.view(xs, [m, 1], [e * c, 0]),
+                      pypto.view(w1, [i, d], [e * i, 0]), pypto.view(s1, [1, i], [e, 0]),
+                      pypto.view(w3, [i, d], [e * i, 0]), pypto.view(s3, [1, i], [e, 0]),
+                      pypto.view(w2, [d, i], [e * d, 0]), pypto.view(s2, [1, d], [e, 0]),
+                      limit, pypto.view(rw, [m, 1], [e * c, 0]))
+    pypto.assemble(pypto.cast(ye, pypto.DT_BF16, pypto.CastMode.CAST_RINT), [e * c, 0], y)
+
+
+@functools.lru_cache(maxsize=32)
+def _routed_kernel(rows: tuple[int, ...], c: int, d: int, i: int, limit: float,
+                   verify: bool = True):
+    """The routed kernel specialised to `rows` (see `routed_rows`): expert e computes the
+    first rows[e] slots of its C-slot block; experts with rows[e] == 0 are absent."""
+    pypto = rt.ensure_ready()
+    nl = len(rows)
+    ct = divisor_tile("min(hidden, intermediate)", min(d, i), COL_TILE)
+    active = [e for e, m in enumerate(rows) if m]  # a list: the parser unrolls the loop
+    body = _routed_expert
+
+    @pypto.frontend.jit(**rt.jit_options(verify=verify))
     def expert_routed_k(x: pypto.Tensor((nl * c, d), pypto.DT_INT8),
                         xs: pypto.Tensor((nl * c, 1), pypto.DT_FP32),
                         rw: pypto.Tensor((nl * c, 1), pypto.DT_FP32),
@@ -164,20 +204,19 @@ def _routed_kernel(nl: int, c: int, d: int, i: int, limit: float):
                         w2: pypto.Tensor((nl * d, i), pypto.DT_INT8),
                         s2: pypto.Tensor((nl, d), pypto.DT_FP32),
                         y: pypto.Tensor((nl * c, d), pypto.DT_BF16)):
-        """y[e] = bf16(SwiGLU-W8A8_e(x[e]) · w[e]) for every local expert e."""
-        pypto.set_vec_tile_shapes(rt_, ct)
-        tiles(pypto, c, (d, i))
-        for e in range(nl):
-            ye = swiglu(pypto, pypto.view(x, [c, d], [e * c, 0]),
-                        pypto.view(xs, [c, 1], [e * c, 0]),
-                        pypto.view(w1, [i, d], [e * i, 0]), pypto.view(s1, [1, i], [e, 0]),
-                        pypto.view(w3, [i, d], [e * i, 0]), pypto.view(s3, [1, i], [e, 0]),
-                        pypto.view(w2, [d, i], [e * d, 0]), pypto.view(s2, [1, d], [e, 0]),
-                        limit, pypto.view(rw, [c, 1], [e * c, 0]))
-            pypto.assemble(pypto.cast(ye, pypto.DT_BF16, pypto.CastMode.CAST_RINT),
-                           [e * c, 0], y)
+        """y[e, :rows[e]] = bf16(SwiGLU-W8A8_e(x[e, :rows[e]]) · w[e]) per local expert."""
+        for e in active:
+            body(pypto, e, rows, c, d, i, ct, limit, (x, xs, rw, w1, s1, w3, s3, w2, s2), y)
 
     return expert_routed_k
+
+
+def _launch_routed(rows: tuple[int, ...], c: int, d: int, i: int, limit: float,
+                   verify: bool, tensors: list[torch.Tensor]) -> LatencyRecord | None:
+    if not any(rows):
+        return None  # nothing received: no kernel, no weight traffic
+    return rt.launch(_routed_kernel(rows, c, d, i, float(limit), verify), *tensors,
+                     name="expert_routed")
 
 
 def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.Tensor,
@@ -186,9 +225,11 @@ def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.
     """recv_x [NL,C,D] INT8, recv_scale/recv_w [NL,C] FP32, recv_count [NL] ->
     (recv_y [NL,C,D] BF16, latency); rows >= recv_count[e] are exactly 0.
 
-    The kernel computes all C rows of every expert (static shapes). Rows beyond the count
-    get scale 0 and weight 0 on the host, which makes their g, u, h and y exactly 0 whatever
-    the (dirty) recv_x tail holds, as the reference's masking does.
+    The kernel is specialised to the received counts (`routed_rows`): expert e computes
+    its count rounded up to 16 rows, and an expert with no rows is not computed (latency
+    None when no expert received anything). Rows between the count and the 16-row bound
+    get scale 0 and weight 0 on the host, which makes their y exactly 0 whatever the
+    (dirty) recv_x tail holds; rows the kernel does not compute are zeroed on the host.
     """
     nl, c, d = recv_x.shape
     w1, w1_scale, w3, w3_scale, w2, w2_scale = w
@@ -199,19 +240,34 @@ def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.
     counts = recv_count.reshape(-1).to(torch.int64)
     if counts.numel() != nl:
         raise ValueError(f"recv_count must have {nl} entries, got {counts.numel()}")
-    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > c):
-        raise ValueError(f"recv_count must lie in [0, capacity={c}], got {counts.tolist()}")
+    rows = routed_rows(counts.tolist(), c)
     valid = torch.arange(c)[None, :] < counts[:, None]                     # [NL, C]
     f32 = torch.float32
     xs = torch.where(valid, recv_scale.to(f32), torch.zeros((), dtype=f32))
     rw = torch.where(valid, recv_w.to(f32), torch.zeros((), dtype=f32))
-    y = torch.empty(nl * c, d, dtype=torch.bfloat16)
-    if c == 0:
-        return y.reshape(nl, c, d), None
-    lat = rt.launch(_routed_kernel(nl, c, d, i, float(swiglu_limit)),
-                    recv_x.reshape(nl * c, d).contiguous(), xs.reshape(nl * c, 1).contiguous(),
-                    rw.reshape(nl * c, 1).contiguous(), w1.reshape(nl * i, d).contiguous(),
-                    w1_scale.to(f32).contiguous(), w3.reshape(nl * i, d).contiguous(),
-                    w3_scale.to(f32).contiguous(), w2.reshape(nl * d, i).contiguous(),
-                    w2_scale.to(f32).contiguous(), y, name="expert_routed")
-    return y.reshape(nl, c, d), lat
+    y = torch.zeros(nl * c, d, dtype=torch.bfloat16)
+    lat = _launch_routed(rows, c, d, i, swiglu_limit, True, [
+        recv_x.reshape(nl * c, d).contiguous(), xs.reshape(nl * c, 1).contiguous(),
+        rw.reshape(nl * c, 1).contiguous(), w1.reshape(nl * i, d).contiguous(),
+        w1_scale.to(f32).contiguous(), w3.reshape(nl * i, d).contiguous(),
+        w3_scale.to(f32).contiguous(), w2.reshape(nl * d, i).contiguous(),
+        w2_scale.to(f32).contiguous(), y])
+    y = y.reshape(nl, c, d)
+    y[~valid] = 0  # rows the kernel did not compute hold whatever the interpreter left
+    return y, lat
+
+
+def expert_routed_latency(rows: tuple[int, ...], capacity: int, hidden: int,
+                          intermediate: int, swiglu_limit: float) -> LatencyRecord | None:
+    """SIM latency of the routed kernel specialised to `rows` (per local expert, from
+    `routed_rows`), WITHOUT the CPU interpreter: every input is uninitialised
+    (torch.empty; the cost model does not read values), so weights of any size cost no
+    memory. None when no expert has rows."""
+    nl, c, d, i = len(rows), capacity, hidden, intermediate
+    e = torch.empty
+    i8, f32 = torch.int8, torch.float32
+    return _launch_routed(tuple(rows), c, d, i, swiglu_limit, False, [
+        e(nl * c, d, dtype=i8), e(nl * c, 1, dtype=f32), e(nl * c, 1, dtype=f32),
+        e(nl * i, d, dtype=i8), e(nl, i, dtype=f32), e(nl * i, d, dtype=i8),
+        e(nl, i, dtype=f32), e(nl * d, i, dtype=i8), e(nl, d, dtype=f32),
+        e(nl * c, d, dtype=torch.bfloat16)])

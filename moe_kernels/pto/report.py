@@ -28,7 +28,9 @@ import torch
 from ..config import RunConfig
 from ..fixtures import generator, make_gate_weights, make_inputs
 from ..stages import STAGE_NAMES, STAGES, StageShape, stage_cost
+from ..step import cache
 from ..types import ExpertWeights
+from . import explain as ex
 from . import runtime as rt
 
 
@@ -58,6 +60,18 @@ class StageRecord:
     trace_path: str = ""
     vec_ops: int = 0            # elementwise vector ops the math needs (see module doc)
     vec_roof_us: float = 0.0    # vec_ops at the calibrated vector throughput
+    # fixed costs on the critical path (pto.explain): task, DMA and dependent-op parts,
+    # the best of those and the throughput bounds, and the largest single part
+    task_us: float = 0.0
+    dma_us: float = 0.0
+    chain_us: float = 0.0
+    explained_us: float = 0.0
+    dominant: str = ""
+
+    @property
+    def explained_ratio(self) -> float:
+        """sim_us / explained_us: 1.0 means the parts account for the whole time."""
+        return self.sim_us / self.explained_us if self.explained_us else math.inf
 
     @property
     def bound_ratio(self) -> float:
@@ -132,9 +146,17 @@ def _pos(seed: int, name: str, *shape: int, scale: float = 1e-3) -> torch.Tensor
     return (torch.rand(*shape, generator=generator(seed, name)) + 0.5) * scale
 
 
-def _stage_cases(run: RunConfig, seed: int) -> dict[str, Callable]:
+def _empty_i8(seed: int, name: str, *shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int8)  # never touched: no pages, no memory
+
+
+def _stage_cases(run: RunConfig, seed: int, latency_only: bool = False
+                 ) -> dict[str, Callable]:
     """stage -> thunk running its kernel on seeded inputs of the per-rank shape of `run`,
-    returning (outputs, LatencyRecord)."""
+    returning (outputs, LatencyRecord). latency_only: expert weights are uninitialised
+    torch.empty (flash/pro routed weights are 6-25 GiB) and expert_routed is timed
+    without inputs (`ffn.expert_routed_latency`); run the thunks inside
+    `runtime.latency_only()`, the interpreter would read garbage."""
     cfg = run.model
     t, d, i, hcm = run.tokens, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hc_mult
     k, nl = cfg.num_experts_per_tok, run.n_local
@@ -151,9 +173,10 @@ def _stage_cases(run: RunConfig, seed: int) -> dict[str, Callable]:
     xq = _i8(seed, "xq", t, d)
     xs = _pos(seed, "xs", t, 1, scale=0.02)
     wts = torch.full((t, k), 1.0 / k)
-    sw = {nm: _i8(seed, f"s{nm}", *shape) for nm, shape in
+    w8 = _empty_i8 if latency_only else _i8
+    sw = {nm: w8(seed, f"s{nm}", *shape) for nm, shape in
           (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i)))}
-    rw = {nm: _i8(seed, f"r{nm}", nl, *shape) for nm, shape in
+    rw = {nm: w8(seed, f"r{nm}", nl, *shape) for nm, shape in
           (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i)))}
     rx = _i8(seed, "rx", nl, c, d)
     rs = _pos(seed, "rs", nl, c, scale=0.02)
@@ -166,6 +189,10 @@ def _stage_cases(run: RunConfig, seed: int) -> dict[str, Callable]:
     comb = torch.rand(run.batch, run.seq, hcm, hcm) / hcm
     lim = cfg.swiglu_limit
     kernels = {name: STAGES[name].kernel() for name in STAGE_NAMES}
+    if latency_only:
+        from . import ffn
+        kernels["expert_routed"] = lambda *a: (None, ffn.expert_routed_latency(
+            ffn.routed_rows([c] * nl, c), c, d, i, lim))
     return {
         "hc_pre": lambda: kernels["hc_pre"](x_hc, hc_fn, hc_scale, hc_base, cfg),
         "gate": lambda: kernels["gate"](x_mixed, norm_w, gate_w, gate_b, tid2eid, ids, cfg,
@@ -184,10 +211,48 @@ def _stage_cases(run: RunConfig, seed: int) -> dict[str, Callable]:
     }
 
 
-def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None = None
-                 ) -> list[StageRecord]:
+def timing_shape(run: RunConfig, stage: str) -> dict[str, Any]:
+    """What a stage kernel's SIM time depends on (the shape part of its timing-cache key):
+    every model size plus batch, seq and routing; expert_routed (whose inputs are NL
+    experts x C rows) also NL and the balanced rows. Ranks do not enter otherwise."""
+    shape: dict[str, Any] = {k: v for k, v in run.model.to_dict().items() if k != "name"}
+    shape.update(batch=run.batch, seq=run.seq, routing=run.routing)
+    if stage == "expert_routed":
+        shape.update(n_local=run.n_local, rows=-(-run.tokens * run.model.num_experts_per_tok
+                                                 // run.n_local))
+    return shape
+
+
+def _measure(thunk: Callable, name: str) -> dict[str, Any]:
+    _, lat = thunk()
+    if lat is None:
+        raise RuntimeError(f"stage {name}: no SIM latency (not running in SIM mode)")
+    return {"aicore_us": lat.aicore_us, "n_tasks": lat.n_tasks,
+            "utilization": lat.utilization, "trace_path": lat.trace_path,
+            "path": ex.path_dict(lat.output_dir)}
+
+
+def time_stage(run: RunConfig, stage: str, seed: int = 0,
+               cases: dict[str, Callable] | None = None) -> tuple[dict[str, Any], bool]:
+    """(timing entry, cache hit) of `stage` at the per-rank shape of `run`: SIM cost model
+    without the interpreter (uninitialised weights), from the disk cache when present.
+    The entry's aicore_us is the SIM latency in microseconds."""
+    def measure() -> dict[str, Any]:
+        thunks = cases if cases is not None else _stage_cases(run, seed, latency_only=True)
+        with rt.latency_only():
+            return _measure(thunks[stage], stage)
+    return cache.cached(cache.make_key(stage, timing_shape(run, stage)), measure)
+
+
+def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None = None,
+                 verify: bool = False) -> list[StageRecord]:
     """One StageRecord per stage at the per-rank shapes of `run` (SIM latency, bytes,
-    FLOPs, calibrated and configured rooflines). `stages` picks a subset (default all)."""
+    FLOPs, calibrated and configured rooflines). `stages` picks a subset (default all).
+
+    verify=False (default): SIM cost model only, no CPU interpreter, uninitialised
+    weights, so any preset runs; times come from the disk timing cache (`step.cache`)
+    when present. verify=True also computes the numbers in the interpreter (slow; small
+    shapes) and always re-simulates."""
     if not isinstance(run, RunConfig):
         raise TypeError(f"run must be a RunConfig, got {type(run).__name__}")
     wanted = STAGE_NAMES if stages is None else tuple(stages)
@@ -198,33 +263,40 @@ def stage_report(run: RunConfig, seed: int = 0, stages: tuple[str, ...] | None =
     cal, conf = calibrated_limits(), configured_limits()
     vec_rate = calibrated_vector_ops_per_s()
     shape = StageShape.from_run(run)
-    cases = _stage_cases(run, seed)
+    cases = _stage_cases(run, seed, latency_only=not verify)
     out = []
     for name in wanted:
         cost = stage_cost(name, shape)
         nbytes, i8f, fpf = cost.hbm_bytes, cost.int8_ops, cost.fp_flops
-        _, lat = cases[name]()
-        if lat is None:
-            raise RuntimeError(f"stage {name}: no SIM latency (not running in SIM mode)")
+        lat = _measure(cases[name], name) if verify else time_stage(run, name, seed,
+                                                                      cases)[0]
+        expl = ex.explain_entry(lat.get("path"), nbytes / cal.hbm_bytes_per_s * 1e6,
+                                (i8f / cal.int8_ops_per_s + fpf / cal.bf16_flops_per_s) * 1e6,
+                                cost.vec_ops / vec_rate * 1e6)
         out.append(StageRecord(
-            stage=name, sim_us=lat.aicore_us, bytes=int(nbytes), flops=int(i8f + fpf),
+            stage=name, sim_us=lat["aicore_us"], bytes=int(nbytes), flops=int(i8f + fpf),
             roofline_us=roofline_us(nbytes, i8f, fpf, cal),
             config_roofline_us=roofline_us(nbytes, i8f, fpf, conf), int8_flops=int(i8f),
-            n_tasks=lat.n_tasks, utilization=lat.utilization, trace_path=lat.trace_path,
-            vec_ops=cost.vec_ops, vec_roof_us=cost.vec_ops / vec_rate * 1e6))
+            n_tasks=lat["n_tasks"], utilization=lat["utilization"],
+            trace_path=lat["trace_path"], vec_ops=cost.vec_ops,
+            vec_roof_us=cost.vec_ops / vec_rate * 1e6, task_us=expl.task_us,
+            dma_us=expl.dma_us, chain_us=expl.chain_us, explained_us=expl.bound_us,
+            dominant=expl.dominant if expl.counts else ""))
     return out
 
 
 def format_stage_table(records: list[StageRecord]) -> str:
     """A fixed-width table: one row per stage plus the total, both rooflines and ratios."""
     hdr = (f"{'stage':<15}{'sim_us':>10}{'MB':>9}{'GFLOP':>9}{'roof_us':>10}{'ratio':>7}"
-           f"{'cfg_roof':>10}{'cfg_ratio':>10}{'vec_roof':>10}{'bnd_ratio':>10}{'tasks':>7}")
+           f"{'cfg_roof':>10}{'cfg_ratio':>10}{'vec_roof':>10}{'bnd_ratio':>10}{'tasks':>7}"
+           f"{'task':>7}{'dma':>7}{'chain':>7}{'dominant':>9}{'x_best':>7}")
     lines = [hdr, "-" * len(hdr)]
     for r in records:
         lines.append(f"{r.stage:<15}{r.sim_us:>10.2f}{r.bytes / 1e6:>9.2f}{r.flops / 1e9:>9.3f}"
                      f"{r.roofline_us:>10.2f}{r.ratio:>7.2f}{r.config_roofline_us:>10.2f}"
                      f"{r.config_ratio:>10.2f}{r.vec_roof_us:>10.2f}{r.bound_ratio:>10.2f}"
-                     f"{r.n_tasks:>7}")
+                     f"{r.n_tasks:>7}{r.task_us:>7.1f}{r.dma_us:>7.1f}{r.chain_us:>7.1f}"
+                     f"{r.dominant or '-':>9}{r.explained_ratio:>7.2f}")
     sim = sum(r.sim_us for r in records)
     roof = sum(r.roofline_us for r in records)
     croof = sum(r.config_roofline_us for r in records)
@@ -239,5 +311,7 @@ def format_stage_table(records: list[StageRecord]) -> str:
     lines.append(f"SIM: pypto {rt.SUPPORTED_PYPTO_VERSION} cost model (910B / A2A3), "
                  f"AICore end-to-end at {rt.CLOCK_MHZ:.0f} MHz. roof = calibrated limits, "
                  f"cfg_roof = A2A3.ini limits; vec_roof = vector ops at the calibrated FP32 "
-                 f"vector rate (extra bound, not in roof); bnd_ratio = sim / max(roof, vec_roof).")
+                 f"vector rate (extra bound, not in roof); bnd_ratio = sim / max(roof, vec_roof). "
+                 f"task/dma/chain = calibrated fixed costs on the critical path (pto.explain); "
+                 f"dominant = largest part; x_best = sim / max(task+dma+chain, HBM, cube, vec).")
     return "\n".join(lines)
