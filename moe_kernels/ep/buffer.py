@@ -9,8 +9,10 @@ ordered by destination (no per-route messages, no per-route Python loops):
 1. counts: one async all_gather of my full [R(dst),NL] histogram (zeros included), so
    every rank holds the same table [R(src),R(dst),NL] and plans its own slots;
 2. dispatch: `pack` gathers the four channels straight into the wire rows
-   [x_i8 | scale | weight | r_route | pad] (wire.py), in (dst, e, slot) order; one
-   all_to_all_single; the receiver scatters the rows to e·C + slot in wide words;
+   [x_i8 | scale | weight | r_route | pad] (wire.py), in (dst, e, slot) order, while the
+   counts travel; one all_to_all_single, started as soon as the counts arrive (sending
+   needs no slots), so the caller's slot planning overlaps it; the receiver scatters
+   the rows to e·C + slot in wide words;
 3. combine: one gather of the rows in arrival order, one all_to_all_single back; every
    origin gets its rows in its own send order and reads routed_y_buf with one gather
    (the handle's return_index). r_route does not travel twice.
@@ -82,10 +84,12 @@ class EpBuffer:
         self.recv_host = self.recv if self._host else torch.zeros(max_in, width,
                                                                   dtype=torch.uint8)
         self.x = torch.empty(nl, c, d, dtype=torch.int8)
-        self.scale = torch.empty(nl, c)
-        self.weight = torch.empty(nl, c)
-        self.route = torch.empty(nl, c, dtype=torch.int32)
-        self.tail = torch.empty(nl * c, TAIL_WORDS, dtype=torch.int32)  # received tails
+        # received row tails [scale | weight | r_route | pad] at row e·C + slot; the
+        # scalar channels are [NL, C] column views of it (no per-step copies)
+        self.tail = torch.empty(nl * c, TAIL_WORDS, dtype=torch.int32)
+        self.scale = self.tail[:, SCALE_WORD].view(torch.float32).view(nl, c)
+        self.weight = self.tail[:, WEIGHT_WORD].view(torch.float32).view(nl, c)
+        self.route = self.tail[:, ROUTE_WORD].view(nl, c)
         self.y_send = torch.empty(max_in, d, dtype=torch.bfloat16, device=dev)
         # rows back in send order; row `routes` stays zero (the row of a dropped route)
         self.y_back = torch.zeros(routes + 1, d, dtype=torch.bfloat16, device=dev)
@@ -97,6 +101,8 @@ class EpBuffer:
         self._counts_work: Any = None
         self._ret_packed: torch.Tensor | None = None     # see pack()
         self._ret_key: tuple[int, int] = (0, 0)
+        self._packed_n = 0                               # routes in the wire (pack)
+        self._early: tuple[list[int], list[int], Any] | None = None  # dispatch in flight
         # views made once (see the class docstring)
         send_tail, recv_tail = row_tail(self.send, d), row_tail(self.recv_host, d)
         self._send_x = row_words(self.send, d)
@@ -107,9 +113,6 @@ class EpBuffer:
         self._recv_x, self._recv_tail = row_words(self.recv_host, d), as_words(recv_tail)
         self._x_words = row_words(self.x.view(-1, d), d)
         self._tail_words = as_words(self.tail)
-        self._columns = ((self.scale.view(-1), self.tail[:, SCALE_WORD].view(torch.float32)),
-                         (self.weight.view(-1), self.tail[:, WEIGHT_WORD].view(torch.float32)),
-                         (self.route.view(-1), self.tail[:, ROUTE_WORD]))
         self._y_send, self._y_back = as_words(self.y_send), as_words(self.y_back)
         self._routed_y = as_words(self.routed_y)
         self._zero_row = routes                          # y_back row of dropped routes
@@ -118,7 +121,7 @@ class EpBuffer:
     def poison(self, seed: int = POISON_SEED) -> None:
         """Fill every buffer except the zero row with garbage (results must not change)."""
         g = torch.Generator().manual_seed(seed)
-        for t in (self.recv_host, self.x, self.route, self.tail):  # (send: all rewritten)
+        for t in (self.recv_host, self.x, self.tail):  # (send rows are all rewritten)
             info = torch.iinfo(t.dtype)
             t.copy_(torch.randint(info.min, info.max, t.shape, generator=g, dtype=t.dtype))
         self.scale.fill_(float("nan"))
@@ -128,8 +131,10 @@ class EpBuffer:
 
     # -- RankComm ----------------------------------------------------------------------
     def publish_counts(self, hist: torch.Tensor) -> None:
-        self._hist.copy_(hist)
-        self._counts_work = dist.all_gather(self._part_views, self._hist,
+        if not self._host or hist.dtype != torch.int64 or not hist.is_contiguous():
+            self._hist.copy_(hist)
+            hist = self._hist
+        self._counts_work = dist.all_gather(self._part_views, hist,
                                             group=self.group, async_op=True)
 
     def pack(self, backend: StageBackend, x_norm_i8: torch.Tensor,
@@ -155,33 +160,60 @@ class EpBuffer:
         self._ret_packed = torch.empty_like(route_ids)
         self._ret_packed[route_ids] = torch.arange(n)
         self._ret_key = (route_ids.data_ptr(), n)
+        self._packed_n = n
         v = self._send_view
-        return PackedRoutes(v.x[:n], v.scale[:n], v.weight[:n], v.route[:n])
+        return v if n == v.x.shape[0] else \
+            PackedRoutes(v.x[:n], v.scale[:n], v.weight[:n], v.route[:n])
 
     def collect_counts(self) -> Generator[Wait, None, torch.Tensor]:
         if self._counts_work is None:
             raise RuntimeError("collect_counts called before publish_counts")
         self._counts_work.wait()
         self._counts_work = None
-        return self._parts.to("cpu", copy=True)          # a fresh table (kept by the plan)
+        table = self._parts.to("cpu", copy=True)         # a fresh table (kept by the plan)
+        self._start_dispatch(table)
+        return table
         yield  # pragma: no cover  (a generator that never suspends)
+
+    def _start_dispatch(self, table: torch.Tensor) -> None:
+        """Launch the dispatch all_to_all as soon as the table is known, so the caller's
+        slot planning runs while the rows travel. Sending needs no slots: only the
+        splits, known from the table when no expert overflows (the same decision on every
+        rank, since all hold the same table) and all my routes are packed in send order.
+        Otherwise `dispatch` sends after planning (drops, device buffers)."""
+        self._early, packed_n, self._packed_n = None, self._packed_n, 0
+        t = table.numpy()
+        if not self._host or packed_n != self.shape.routes or \
+                bool((t.sum(0) > self.shape.capacity).any()):
+            return
+        send_split = t[self.rank].sum(1).tolist()       # = my histogram per destination
+        recv_split = t[:, self.rank].sum(1).tolist()
+        n_out, n_in = sum(send_split), sum(recv_split)
+        work = dist.all_to_all_single(self.recv[:n_in], self.send[:n_out], recv_split,
+                                      send_split, group=self.group, async_op=True)
+        self._early = (send_split, recv_split, work)
 
     def dispatch(self, plan: RankPlan, packed: PackedRoutes
                  ) -> Generator[Wait, None, tuple[RecvBuffers, DispatchHandle]]:
         send_split, recv_split = plan.send_split.tolist(), plan.recv_split.tolist()
         n_out, n_in = sum(send_split), sum(recv_split)
-        if n_out and packed.x.data_ptr() != self.send.data_ptr():
-            pack_dispatch_into(self.send, packed)          # packed elsewhere (drop, device)
-        recv = self.recv[:n_in]
-        dist.all_to_all_single(recv, self.send[:n_out], recv_split, send_split,
-                               group=self.group)
+        recv, early, self._early = self.recv[:n_in], self._early, None
+        if early is not None:                               # started by collect_counts
+            early[2].wait()
+            if (early[0], early[1]) != (send_split, recv_split) or \
+                    packed.x.data_ptr() != self.send.data_ptr():
+                raise RuntimeError("dispatch: the plan or the packed rows differ from "
+                                   "what the counts announced")
+        else:
+            if n_out and packed.x.data_ptr() != self.send.data_ptr():
+                pack_dispatch_into(self.send, packed)      # packed elsewhere (drop, device)
+            dist.all_to_all_single(recv, self.send[:n_out], recv_split, send_split,
+                                   group=self.group)
         if not self._host:                                  # UNTESTED (nccl / hccl)
             self.recv_host[:n_in].copy_(recv)
         rows = plan.recv_rows                               # flat e·C + slot, arrival order
         self._x_words[rows] = self._recv_x[:n_in]
         self._tail_words[rows] = self._recv_tail[:n_in]    # scale, weight, route at once
-        for dst, src in self._columns:
-            dst.copy_(src)
         ret = self._ret_packed      # valid if the plan sends exactly the packed routes
         if ret is None or n_out != self.shape.routes or \
                 self._ret_key != (plan.order.data_ptr(), n_out):

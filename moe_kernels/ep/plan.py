@@ -27,26 +27,25 @@ from .layout import RankPlan, check_capacity
 
 @dataclass(frozen=True)
 class PreSort:
-    """My routes sorted by bucket, before any count table (see `presort`); NumPy int64."""
+    """My routes sorted by bucket, before any count table (see `presort`); NumPy int64,
+    torch views share the memory."""
 
     rank: int
     n_local: int
     ranks: int
-    bucket: np.ndarray         # [N] global expert id = dst·NL + e, per route
     order: np.ndarray          # [N] route ids by (dst, e, scan): send_order
     sorted_bucket: np.ndarray  # [N] bucket of order[i]
     cursor: np.ndarray         # [N] rank of order[i] within its bucket
     hist: np.ndarray           # [R(dst), NL] my routes per bucket (zeros too)
-
-    @property
-    def order_t(self) -> torch.Tensor:
-        """`order` as a torch tensor (shares memory)."""
-        return torch.from_numpy(self.order)
+    order_t: torch.Tensor      # `order` as torch
+    dst_rank: torch.Tensor     # [N] int64 per route r
+    local_expert: torch.Tensor  # [N] int64 per route r
+    send_split: torch.Tensor   # [R] routes per destination (before any drop)
 
 
 @dataclass(frozen=True)
 class RouteCounts:
-    """My routes' buckets and histogram: all the count exchange needs (NumPy int64)."""
+    """My routes' buckets and histogram: all the count exchange needs (NumPy)."""
 
     n_local: int
     ranks: int
@@ -62,14 +61,17 @@ class RouteCounts:
 def count_routes(indices: torch.Tensor, n_local: int, ranks: int) -> RouteCounts:
     """indices [T,K] global expert ids -> my histogram, checked to be in range; the
     first thing a rank computes, so its counts leave before it sorts or packs."""
-    g = indices.reshape(-1).numpy().astype(np.int64)
+    g = indices.reshape(-1).numpy()
     n_experts = ranks * n_local
-    if g.size and (int(g.min()) < 0 or int(g.max()) >= n_experts):
+    try:
+        hist = np.bincount(g, minlength=n_experts)   # longer iff an id >= n_experts
+    except ValueError:                                 # a negative id
+        hist = np.zeros(0, dtype=np.int64)
+    if hist.shape[0] != n_experts:
         raise ValueError(f"indices must be global expert ids in [0, {n_experts}) "
                          f"(ranks {ranks} x n_local {n_local}), got range "
                          f"[{int(g.min())}, {int(g.max())}]")
-    hist = np.bincount(g, minlength=n_experts)
-    return RouteCounts(n_local=n_local, ranks=ranks, bucket=g,
+    return RouteCounts(n_local=n_local, ranks=ranks, bucket=g.astype(np.int64),
                        hist=hist.reshape(ranks, n_local))
 
 
@@ -78,10 +80,13 @@ def presort(rank: int, counts: RouteCounts) -> PreSort:
     g, hist = counts.bucket, counts.hist.reshape(-1)
     order = np.argsort(g, kind="stable")
     sorted_b = g[order]
-    first = np.cumsum(hist) - hist                       # first sorted position
-    cursor = np.arange(g.size) - first[sorted_b]
-    return PreSort(rank=rank, n_local=counts.n_local, ranks=counts.ranks, bucket=g,
-                   order=order, sorted_bucket=sorted_b, cursor=cursor, hist=counts.hist)
+    cursor = np.arange(g.size) - np.repeat(np.cumsum(hist) - hist, hist)  # rank in bucket
+    dst, e = np.divmod(g, counts.n_local)
+    f = torch.from_numpy
+    return PreSort(rank=rank, n_local=counts.n_local, ranks=counts.ranks, order=order,
+                   sorted_bucket=sorted_b, cursor=cursor, hist=counts.hist,
+                   order_t=f(order), dst_rank=f(dst), local_expert=f(e),
+                   send_split=f(counts.hist.sum(1)))
 
 
 def finish_plan(pre: PreSort, table: torch.Tensor, capacity: int,
@@ -98,26 +103,27 @@ def finish_plan(pre: PreSort, table: torch.Tensor, capacity: int,
     slot_sorted = offset[me].reshape(-1)[pre.sorted_bucket] + pre.cursor
     slot = np.empty_like(slot_sorted)
     my_off = offset[:, me, :]                            # [R(src), NL]
+    f = torch.from_numpy
     if not any_over:                                     # nothing dropped anywhere
-        order, send_split = pre.order, pre.hist.sum(1)
-        slot[order] = slot_sorted
-        dropped_routes = np.zeros(0, dtype=np.int64)
+        order, send_split = pre.order_t, pre.send_split
+        slot[pre.order] = slot_sorted
+        dropped_routes = torch.zeros(0, dtype=torch.int64)
         n_from = t[:, me, :]
+        dropped = torch.zeros(nl, dtype=torch.int64)
     else:
         keep = slot_sorted < capacity
-        order = pre.order[keep]
+        order = f(pre.order[keep])
         slot[pre.order] = np.where(keep, slot_sorted, -1)
-        send_split = np.bincount(pre.sorted_bucket[keep] // nl, minlength=ranks)
-        dropped_routes = np.flatnonzero(slot < 0)
+        send_split = f(np.bincount(pre.sorted_bucket[keep] // nl, minlength=ranks))
+        dropped_routes = f(np.flatnonzero(slot < 0))
         n_from = np.clip(np.minimum(my_off + t[:, me, :], capacity) - my_off, 0, None)
+        dropped = f(np.maximum(over[me], 0))
     lengths = n_from.reshape(-1)
-    starts = (my_off + np.arange(nl) * capacity).reshape(-1)
+    starts = (my_off + np.arange(0, nl * capacity, capacity)).reshape(-1)
     seg_first = np.cumsum(lengths) - lengths
     recv_rows = np.repeat(starts - seg_first, lengths) + np.arange(int(lengths.sum()))
-    f = torch.from_numpy
-    return RankPlan(rank=me, dst_rank=f(pre.bucket // nl), local_expert=f(pre.bucket % nl),
-                    slot=f(slot), order=f(order), send_split=f(send_split),
-                    dropped_routes=f(dropped_routes), recv_count=f(n_from.sum(0)),
-                    recv_split=f(n_from.sum(1)), recv_rows=f(recv_rows),
-                    dropped=f(np.maximum(over[me], 0)), recv_from=f(n_from.copy()),
-                    recv_offset=f(my_off.copy()))
+    return RankPlan(rank=me, dst_rank=pre.dst_rank, local_expert=pre.local_expert,
+                    slot=f(slot), order=order, send_split=send_split,
+                    dropped_routes=dropped_routes, recv_count=f(n_from.sum(0)),
+                    recv_split=f(n_from.sum(1)), recv_rows=f(recv_rows), dropped=dropped,
+                    recv_from=f(n_from), recv_offset=f(my_off))
