@@ -6,7 +6,9 @@ Workers never outlive their parent, whatever kills it:
 
 * each worker asks Linux for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), and
   a watchdog thread checks the parent pid (also covers the start-up window and other
-  OSes); the worker's job queue `get` is bounded, so it notices too;
+  OSes); the worker's job queue `get` is bounded, so it notices too. (Linux sends the
+  signal when the parent *thread* that started the world exits: start a world from a
+  thread that outlives it, e.g. the main thread);
 * workers ignore SIGINT (Ctrl-C reaches the whole process group; the parent handles it
   and stops them, so one interrupt gives one message, not one traceback per rank);
 * while a world is open, SIGTERM to the parent raises SystemExit in it (main thread
