@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..paths import CACHE_DIR
+from .recovery import reset_after_failed_kernel
 from .side_files import check_cache_folder, redirect_side_files
 from .swim import CLOCK_MHZ, SwimTable, parse_swim_tasks
 
@@ -420,11 +421,9 @@ def launch(kernel: Callable[..., None], *tensors: torch.Tensor, name: str = ""
     try:
         _call(kernel, tensors)
     except Exception:
-        # a kernel that fails to compile leaves pypto 0.2.0's Python controller "inside a
-        # function", so every later kernel of the process would fail ("function nested is
-        # not allowed"): close it, then let the caller see the original error
-        from pypto._controller import Controller
-        Controller.end_function()
+        # a failed compile leaves pypto's function open and its compile thread ended: later
+        # kernels would fail ("function nested") or hang (see recovery.py); reset, re-raise
+        reset_after_failed_kernel()
         raise
     folder = Path(pypto_impl.LogTopFolder())
     try:
