@@ -163,8 +163,10 @@ terms = cv.reduce_terms(sh[0], bufs[0], K)
 n_show = min(T, ep_plots.TOKENS_SHOWN)
 series = {"shared expert sh": terms[:n_show, 0].tolist()}
 series.update({f"routed k={j}": terms[:n_show, 1 + j].tolist() for j in range(K)})
+share = float(terms[:, 0].mean() / terms[:, 1:].mean())
 fig = plots.plot_lines(range(n_show), series,
-                       "Terms of the reduce per token on rank 0: shared vs routed",
+                       f"Reduce terms on rank 0: the shared expert's is {share:.1f}x a "
+                       f"routed one (mean RMS)",
                        xlabel="token t on rank 0", ylabel="RMS over D of the term (BF16 units)")
 out.show(fig, "03_reduce_terms.png", source=EP_RUN, shape=SHAPE)
 
@@ -245,9 +247,10 @@ if compare_pypto:
     comparisons.append(vs_pypto)
     print(vs_pypto.summary())
     ratio = ag.error_ratio(pypto_s.x_next, torch_s.x_next, ag.X_NEXT_DIFF_THD)
+    exact = int((ratio == 0).sum())
     fig = review_plots.plot_error_ratio_hist(
-        ratio, "pypto vs torch: every x_next element's error as a share of the threshold",
-        ag.X_NEXT_PCT_THD)
+        ratio, f"pypto vs torch: {exact:,} of {ratio.numel():,} x_next elements exact, "
+               f"the worst at {float(ratio.max()):.2g}x the threshold", ag.X_NEXT_PCT_THD)
     out.show(fig, "03_pypto_vs_torch.png",
              source="computed: pypto kernels (CPU interpreter) vs torch reference",
              shape=style.run_shape(run_s))

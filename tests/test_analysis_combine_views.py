@@ -147,5 +147,8 @@ def test_combine_plots_render(tiny_step) -> None:
         assert figure_png(fig)[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="at least one"):
         review_plots.plot_agreement_margin([], "x")
+    bins = review_plots.error_ratio_bins(torch.tensor([0.0, 0.0, 2e-6, 0.16, 3.0]))
+    assert bins[0] == ("exact", 2) and bins[1] == ("≤ 1e-3", 1)
+    assert bins[-2] == ("≤ 1", 1) and bins[-1] == ("> 1 (bad)", 1)
     with pytest.raises(ValueError, match="owner and expert"):
         ep_plots.plot_row_sources(rs.owner, rs.expert[:1], "x")

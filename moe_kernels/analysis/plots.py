@@ -110,7 +110,7 @@ def plot_gate_scores(score: torch.Tensor, indices: torch.Tensor, title: str,
     ax.set(title=title, xlabel=f"token t (first {s.shape[0]})",
            ylabel="global expert id")
     fig.colorbar(im, ax=ax, label="score = sqrt(softplus(logit)) (unitless)")
-    fig.legend(loc="outside lower right", fontsize=8, frameon=False)
+    fig.legend(loc="outside right upper", fontsize=9, frameon=False)
     return fig
 
 
@@ -215,8 +215,8 @@ def plot_slot_map(placement: torch.Tensor, per_copy: torch.Tensor, title: str) -
     coloured by the rows its copy serves, per_copy [R,S] (load / copies, NaN if unused),
     and labelled with the expert id (xN when the expert has N copies) and those rows."""
     r, slots = placement.shape
-    fig, (ax,) = new_figure(min(13.0, max(5.5, 0.55 * slots + 3.0)),
-                            min(8.0, max(2.4, 0.6 * r + 1.4)))
+    fig, (ax,) = new_figure(min(13.0, max(8.0, 0.7 * slots + 3.5)),
+                            min(8.0, max(3.0, 0.7 * r + 1.8)))
     cmap = matplotlib.colormaps["cividis"].with_extremes(bad="0.85")
     im = ax.imshow(per_copy.to(torch.float64).numpy(), cmap=cmap, aspect="auto",
                    vmin=0.0)
@@ -236,10 +236,10 @@ def plot_slot_map(placement: torch.Tensor, per_copy: torch.Tensor, title: str) -
     ax.grid(False)
     ax.set_xticks(range(0, slots, 1 if slots <= 32 else 8))
     ax.set_yticks(range(0, r, 1 if r <= 32 else 8))
-    ax.set(title=title, xlabel="slot on the rank (index)", ylabel="rank")
-    fig.colorbar(im, ax=ax, label="rows per copy")
-    fig.legend(handles=[Patch(color="0.85", label="unused redundant slot"),
-                        Patch(color="none", label="cell: expert id (xN = N copies) over "
-                                                  "its rows per copy = load / copies")],
-               loc="outside lower center", fontsize=8, frameon=False, ncols=2)
+    ax.set(title=title, ylabel="rank",
+           xlabel="slot on the rank (index); cell: expert id (xN = N copies) over its "
+                  "rows per copy")
+    fig.colorbar(im, ax=ax, label="rows per copy = load / copies")
+    fig.legend(handles=[Patch(color="0.85", label="unused\nredundant slot")],
+               loc="outside right upper", fontsize=9, frameon=False)
     return fig

@@ -19,8 +19,8 @@ from .whatif import DropGrid, Footprint, HeadroomCurve, PayloadPoint
 
 #: Line styles per EP size in the footprint and payload figures.
 _DASHES: tuple[str, ...] = ("-", "--", "-.", ":")
-#: Bins per decade of the error-ratio histogram.
-_BINS_PER_DECADE = 4
+#: Smallest decade of the error-ratio bins (smaller non-zero errors join it).
+ERROR_RATIO_LOWEST = 1e-4
 _MIB = 1024.0 ** 2
 
 
@@ -59,7 +59,7 @@ def plot_drop_heatmap(grid: DropGrid, title: str,
 def plot_headroom(curves: Sequence[HeadroomCurve], title: str) -> Figure:
     """Busiest expert's rows as % of capacity over skew, one line per routing; the 100 %
     line is the overflow; the first overflowing skew of each curve is marked."""
-    fig, (ax,) = new_figure(7.5, 4.2)
+    fig, (ax,) = new_figure(8.0, 4.4)
     for i, c in enumerate(curves):
         ax.plot(c.skews, c.utilisation_pct, marker="os^D"[i % 4], color=colour(i),
                 label=f"{c.label} (C = {c.capacity})")
@@ -74,7 +74,7 @@ def plot_headroom(curves: Sequence[HeadroomCurve], title: str) -> Figure:
     ax.set(title=title, xlabel="skew (Zipf exponent)",
            ylabel="busiest expert's rows (% of capacity)")
     ax.set_ylim(0, max(110.0, 1.08 * max(max(c.utilisation_pct) for c in curves)))
-    legend_outside(ax)
+    ax.legend(loc="lower right", fontsize=9, frameon=True)
     return fig
 
 
@@ -149,7 +149,7 @@ def plot_agreement_margin(comparisons: Sequence[Comparison], title: str) -> Figu
     runs have no error and sit in a band at the left, labelled."""
     if not comparisons:
         raise ValueError("plot_agreement_margin needs at least one comparison")
-    fig, (ax,) = new_figure(10.0, 1.0 + 0.75 * len(comparisons))
+    fig, (ax,) = new_figure(10.0, 1.4 + 0.85 * len(comparisons))
     ratios = [a.worst_ratio for c in comparisons for a in c.per_rank
               if not a.bit_identical and a.worst_ratio > 0 and math.isfinite(a.worst_ratio)]
     lo = 10 ** math.floor(math.log10(min(ratios + [1e-3]))) / 10
@@ -166,7 +166,7 @@ def plot_agreement_margin(comparisons: Sequence[Comparison], title: str) -> Figu
         else:
             note = (f"worst {c.worst_ratio:.2g}x threshold; points over it: "
                     f"{100 * c.bad_share_of_allowance:.0f} % of the {c.pct_thd:.0%} allowed")
-        ax.annotate(note, (lo, y), xytext=(14, 0), textcoords="offset points",
+        ax.annotate(note, (lo, y - 0.3), xytext=(14, 0), textcoords="offset points",
                     va="center", fontsize=9)
     ax.axvline(1.0, color=colour(5), linestyle="--", label="threshold (error ratio 1)")
     ax.set_xscale("log")
@@ -187,26 +187,42 @@ def plot_agreement_margin(comparisons: Sequence[Comparison], title: str) -> Figu
     return fig
 
 
-def plot_error_ratio_hist(ratio: torch.Tensor, title: str, pct_thd: float) -> Figure:
-    """Histogram of every element's error / threshold (log x, log count); exact
-    elements counted in the legend; the threshold at 1."""
+def error_ratio_bins(ratio: torch.Tensor, lowest: float = ERROR_RATIO_LOWEST
+                     ) -> list[tuple[str, int]]:
+    """Counts of elements by error / threshold: 'exact' (0), one bin per decade from
+    `lowest` up to 1, and '> 1' (bad points); the first decade also holds anything
+    smaller than `lowest`."""
     r = ratio.reshape(-1).to(torch.float64)
-    exact = int((r == 0).sum())
-    nz = r[r > 0]
-    fig, (ax,) = new_figure(8.0, 4.2)
-    if nz.numel():
-        lo = math.floor(math.log10(float(nz.min())))
-        hi = max(1, math.ceil(math.log10(float(nz.max()))))
-        edges = torch.logspace(lo, hi, (hi - lo) * _BINS_PER_DECADE + 1, dtype=torch.float64)
-        ax.hist(nz.numpy(), bins=edges.numpy(), color=colour(4),
-                label=f"elements with an error ({nz.numel():,})")
-        ax.set_xscale("log")
-    ax.axvline(1.0, color=colour(5), linestyle="--",
-               label=f"threshold (a bad point beyond; {pct_thd:.0%} allowed)")
-    ax.plot([], [], linestyle="none", label=f"exact elements (error 0): {exact:,} of "
-                                            f"{r.numel():,}")
+    out = [("exact", int((r == 0).sum()))]
+    k0 = round(math.log10(lowest))
+    for k in range(k0, 0):
+        lo_, hi_ = (0.0 if k == k0 else 10.0 ** k), 10.0 ** (k + 1)
+        out.append((f"≤ 1e{k + 1}" if k + 1 < 0 else "≤ 1",
+                    int(((r > lo_) & (r <= hi_)).sum())))
+    out.append(("> 1 (bad)", int((r > 1).sum())))
+    return out
+
+
+def plot_error_ratio_hist(ratio: torch.Tensor, title: str, pct_thd: float) -> Figure:
+    """Bars of elements by error / threshold (exact, per decade up to 1, over it), on a
+    log count axis with each count printed; the allowed number of bad points marked."""
+    bins = error_ratio_bins(ratio)
+    n = ratio.numel()
+    fig, (ax,) = new_figure(8.5, 4.2)
+    xs = list(range(len(bins)))
+    counts = [c for _, c in bins]
+    colours = [colour(2)] + [colour(4)] * (len(bins) - 2) + [colour(5)]
+    ax.bar(xs, [max(c, 0.5) if c else 0 for c in counts], color=colours, width=0.7)
+    for x, c in zip(xs, counts, strict=True):
+        ax.annotate(f"{c:,}", (x, max(c, 1)), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=9)
+    allowed = round(pct_thd * n)
+    ax.axhline(max(allowed, 1), color=colour(5), linestyle="--",
+               label=f"bad points allowed: {pct_thd:.0%} of {n:,} = {allowed:,}")
     ax.set_yscale("log")
-    ax.set(title=title, xlabel="|error| / ratio_reldiff threshold (log scale)",
-           ylabel="elements (log scale)")
+    ax.set_ylim(0.5, 3 * n)
+    ax.set_xticks(xs, [b for b, _ in bins])
+    ax.set(title=title, xlabel="element's |error| / ratio_reldiff threshold (bins by "
+                               "decade; 1 = the threshold)", ylabel="elements (log scale)")
     legend_outside(ax)
     return fig

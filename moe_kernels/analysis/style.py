@@ -13,6 +13,7 @@ Rules a design review can rely on:
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,13 +118,20 @@ def add_footer(fig: Figure, source: str, shape: str) -> None:
         raise ValueError(f"shape must be a non-empty string, got {shape!r}")
     for t in [t for t in fig.texts if t.get_gid() == _FOOTER_GID]:
         t.remove()
-    height = fig.get_size_inches()[1]
-    band = min(0.25, FOOTER_IN / height)
-    fig.text(0.01, 0.06 / height, f"source: {source}   |   shape: {shape}",
-             ha="left", va="bottom", fontsize=FOOTER_PT, color="0.3", gid=_FOOTER_GID)
+    width, height = fig.get_size_inches()
+    text = f"source: {source}   |   shape: {shape}"
+    lines = 1
+    if len(text) * 0.55 * FOOTER_PT / 72 > 0.97 * width:   # too wide: one field a line
+        text, lines = f"source: {source}\nshape: {shape}", 2
+    band = min(0.3, (FOOTER_IN + (lines - 1) * 1.25 * FOOTER_PT / 72) / height)
+    fig.text(0.01, 0.06 / height, text, ha="left", va="bottom", fontsize=FOOTER_PT,
+             color="0.3", gid=_FOOTER_GID)
     engine = fig.get_layout_engine()
     if isinstance(engine, ConstrainedLayoutEngine):
         engine.set(rect=(0.0, band, 1.0, 1.0 - band))
+    for leg in fig.legends:  # an "outside lower" legend would sit on the footer band
+        if getattr(leg, "_outside_loc", None) == "lower" and leg._bbox_to_anchor is None:
+            leg.set_loc("outside upper center")
 
 
 def footer_text(fig: Figure) -> str | None:
@@ -139,10 +147,23 @@ def _log_named(ax: Axes) -> None:
             set_(f"{label} ({scale} scale)")
 
 
+def _fit(text: Text, width_in: float) -> None:
+    """Wrap a title that would run past `width_in` inches (about 0.55 em per char)."""
+    s = text.get_text()
+    chars = max(20, int(width_in * 72 / (0.55 * text.get_fontsize())))
+    if s and max(len(line) for line in s.splitlines()) > chars:
+        text.set_text("\n".join(textwrap.wrap(" ".join(s.split()), chars)))
+
+
 def readable(fig: Figure, min_pt: float = MIN_FONT_PT) -> None:
     """Raise every text of `fig` (titles, labels, ticks, legends, annotations, cell
-    text) to at least `min_pt` points, and name log axes as log."""
+    text) to at least `min_pt` points, wrap titles wider than the figure, and name log
+    axes as log."""
+    width = fig.get_size_inches()[0]
+    if fig._suptitle is not None:
+        _fit(fig._suptitle, 0.95 * width)
     for ax in fig.axes:
+        _fit(ax.title, 0.95 * width * ax.get_position().width)
         _log_named(ax)
         for axis in ("x", "y"):
             labels = getattr(ax, f"get_{axis}ticklabels")()
