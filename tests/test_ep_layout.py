@@ -170,7 +170,7 @@ def _fake_program(me: int, comm, idx: torch.Tensor, nl: int, cap: int, d: int):
     packed = PackedRoutes(x=torch.full((n, d), me, dtype=torch.int8),
                           scale=torch.full((n,), float(me)), weight=plan.order.float(),
                           route=plan.order.to(torch.int32))
-    recv = yield from comm.dispatch(plan, packed)
+    recv, handle = yield from comm.dispatch(plan, packed)
     recv_y = torch.zeros(nl, cap, d, dtype=torch.bfloat16)
     for e in range(nl):
         c = int(recv.count[e])
@@ -178,7 +178,7 @@ def _fake_program(me: int, comm, idx: torch.Tensor, nl: int, cap: int, d: int):
         recv_y[e, :c, 1] = recv.route[e, :c].to(torch.bfloat16)
         recv_y[e, :c, 2] = me + 1
         recv_y[e, :c, 3] = e + 1
-    buf = yield from comm.combine(plan, recv_y, recv.route)
+    buf = yield from comm.combine(recv_y, handle)
     return recv, plan, buf
 
 
@@ -189,7 +189,8 @@ def _run_fake(idx: torch.Tensor, n_local: int, capacity: int, poison: bool = Fal
     shape = WindowShape(ranks=r, n_local=n_local, capacity=capacity, routes=t * k,
                         d_model=d)
     tr = transport or LocalTransport(poison=poison, timeout=5.0)
-    return tr.run(shape, lambda me, comm: _fake_program(me, comm, idx, n_local, capacity, d))
+    return tr.run_programs(shape, lambda me, comm: _fake_program(me, comm, idx, n_local,
+                                                                 capacity, d))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,18 +10,20 @@ signals, so its peers' waits time out with WindowTimeoutError).
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from typing import TypeVar
 
 import torch
 
 from ..backend import StageBackend
 from ..types import PackedRoutes, RecvBuffers
 from .layout import RankPlan
-from .rank import RankGen, RankOutput, step_program
+from .rank import RankOutput, step_program
 from .transport import DispatchHandle, EpStep, check_timeout, resolve_backends, window_shape
 from .windows import SIGNAL_WINDOWS, SymmetricWindows, Wait, WindowShape, WindowTimeoutError
 from .wire import pad_column
 
+T = TypeVar("T")
 #: Seed of the poison generator (garbage is deterministic, so runs are reproducible).
 POISON_SEED = 0x5EED
 #: Scheduler sleep while every live rank is blocked (only a fault gets there).
@@ -153,23 +155,31 @@ class LocalTransport:
         """Run one step of every rank's program to completion; outputs in rank order.
         The windows are poisoned first if this transport or the step asks for it."""
         shape = window_shape(step.run)
+        backends = resolve_backends(step.backend, shape.ranks)
+        return self.run_programs(
+            shape, lambda r, comm: step_program(step, r, backends[r], comm),
+            poison=step.poison)
+
+    def run_programs(self, shape: WindowShape,
+                     make_program: Callable[[int, LocalComm], Generator[Wait, None, T]],
+                     poison: bool = False) -> list[T]:
+        """Run any per-rank generator programs ``make_program(rank, comm)`` over these
+        windows (e.g. an exchange-only program in a test); results in rank order."""
         if self.silent_rank is not None and not 0 <= self.silent_rank < shape.ranks:
             raise ValueError(f"silent_rank must be in [0, {shape.ranks}), "
                              f"got {self.silent_rank}")
-        win = self._prepare(shape, self.poison or step.poison)
-        backends = resolve_backends(step.backend, shape.ranks)
-        gens = [step_program(step, r, backends[r],
-                             LocalComm(r, win, self.epoch, silent=r == self.silent_rank))
+        win = self._prepare(shape, self.poison or poison)
+        gens = [make_program(r, LocalComm(r, win, self.epoch, silent=r == self.silent_rank))
                 for r in range(shape.ranks)]
         return _schedule(gens, win, self.timeout)
 
 
-def _schedule(gens: list[RankGen], win: SymmetricWindows, timeout: float
-              ) -> list[RankOutput]:
+def _schedule(gens: list[Generator[Wait, None, T]], win: SymmetricWindows,
+              timeout: float) -> list[T]:
     """Round-robin: advance every rank whose pending wait holds, until all finish."""
     n = len(gens)
     waits: list[Wait | None] = [None] * n
-    outs: list[RankOutput | None] = [None] * n
+    outs: list[T | None] = [None] * n
     done = [False] * n
     last_progress = time.monotonic()
     try:
