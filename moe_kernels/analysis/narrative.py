@@ -141,6 +141,7 @@ def combine_findings(comparisons: Sequence[Comparison], checks: Sequence[ReduceC
             verdict = "within" if c.passed else "OUTSIDE"
             bullets.append(
                 f"{c.label}: {verdict} tolerance; the worst element reaches "
-                f"{c.worst_ratio:.2g}x the threshold and {100 * c.bad_share_of_allowance:.0f}"
-                f" % of the allowed {c.pct_thd:.0%} of points are used.")
+                f"{c.worst_ratio:.2g}x the threshold, and bad points use "
+                f"{100 * c.bad_share_of_allowance:.0f} % of the {100 * c.pct_thd:g} % "
+                f"allowed.")
     return _md(bullets, "`04_latency` puts Ascend cycle counts on these stages.")

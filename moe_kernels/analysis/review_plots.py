@@ -164,8 +164,9 @@ def plot_agreement_margin(comparisons: Sequence[Comparison], title: str) -> Figu
         if c.bit_identical:
             note = "bit-identical on every rank (0 differing bits)"
         else:
-            note = (f"worst {c.worst_ratio:.2g}x threshold; points over it: "
-                    f"{100 * c.bad_share_of_allowance:.0f} % of the {c.pct_thd:.0%} allowed")
+            note = (f"worst {c.worst_ratio:.2g}x the threshold; bad points use "
+                    f"{100 * c.bad_share_of_allowance:.0f} % of the {100 * c.pct_thd:g} % "
+                    f"allowed")
         ax.annotate(note, (lo, y - 0.3), xytext=(14, 0), textcoords="offset points",
                     va="center", fontsize=9)
     ax.axvline(1.0, color=colour(5), linestyle="--", label="threshold (error ratio 1)")
