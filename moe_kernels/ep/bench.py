@@ -21,7 +21,7 @@ from .layout import PAD_BYTES, plan_rank, send_histogram
 from .plan import count_routes, finish_plan, presort
 from .rank import run_to_end
 from .transport import window_shape
-from .wire import dispatch_row_bytes
+from .wire import as_words, dispatch_row_bytes, row_words
 
 #: Names of the phases `exchange_rank` times, in order.
 PHASES: tuple[str, ...] = ("pack (counts out, presort, wire pack)", "counts wait + plan",
@@ -103,6 +103,30 @@ def exchange_rank(rank: int, run: RunConfig, reps: int, warmup: int,
         dist.all_gather(h_parts, hist)
         a2a_bound()
 
+    # the floor: the same three collectives plus the four row copies any placement
+    # into [NL, C] slots needs (pack gather, unpack scatter, combine gather, gather by
+    # route), without planning; what EP costs at best on CPU
+    d, n_out, n_in = shape.d_model, sum(send_split), sum(recv_split)
+    tok = torch.div(plan.order, gate.weights.shape[1], rounding_mode="floor")
+    ret = torch.empty_like(plan.order)
+    ret[plan.order] = torch.arange(n_out)
+    f_send = torch.zeros(n_out, out_b, dtype=torch.uint8)
+    f_recv = torch.zeros(n_in, out_b, dtype=torch.uint8)
+    f_x = torch.empty(shape.n_local * cap, d, dtype=torch.int8)
+    f_y = torch.empty(n_in, d, dtype=torch.bfloat16)
+    f_back = torch.empty(n_out, d, dtype=torch.bfloat16)
+    f_routed = torch.empty(n_out, d, dtype=torch.bfloat16)
+
+    def copies_floor() -> None:
+        dist.all_gather(h_parts, hist)
+        torch.index_select(row_words(gate.x_norm_i8, d), 0, tok, out=row_words(f_send, d))
+        dist.all_to_all_single(f_recv, f_send, recv_split, send_split)
+        row_words(f_x, d)[plan.recv_rows] = row_words(f_recv, d)
+        torch.index_select(as_words(recv_y.view(-1, d)), 0, plan.recv_rows,
+                           out=as_words(f_y))
+        dist.all_to_all_single(f_back, f_y, send_split, recv_split)
+        torch.index_select(as_words(f_back), 0, ret, out=as_words(f_routed))
+
     def phases() -> list[float]:  # this rank's seconds per phase of one exchange
         t = [time.perf_counter()]
         ep_exchange(t)
@@ -112,14 +136,17 @@ def exchange_rank(rank: int, run: RunConfig, reps: int, warmup: int,
         ep_exchange()
         a2a_bound()
         a2a_counts_bound()
-    ep_t, a2a_t, a2a_c_t, phase_t = [], [], [], []
+        copies_floor()
+    ep_t, a2a_t, a2a_c_t, floor_t, phase_t = [], [], [], [], []
     for _ in range(reps):  # interleaved, so load drift hits all alike
         ep_t.append(_timed(ep_exchange))
         a2a_t.append(_timed(a2a_bound))
         a2a_c_t.append(_timed(a2a_counts_bound))
+        floor_t.append(_timed(copies_floor))
         dist.barrier()
         phase_t.append(phases())
-    return {"ep": ep_t, "a2a": a2a_t, "a2a_counts": a2a_c_t, "phases": phase_t,
+    return {"ep": ep_t, "a2a": a2a_t, "a2a_counts": a2a_c_t, "floor": floor_t,
+            "phases": phase_t,
             "phase_names": list(PHASES),
             "send_routes": send_split, "recv_routes": recv_split,
             "bytes_out": sum(send_split) * out_b, "bytes_back": sum(recv_split) * back_b,
