@@ -140,9 +140,10 @@ class EpBuffer:
     def pack(self, backend: StageBackend, x_norm_i8: torch.Tensor,
              x_norm_scale: torch.Tensor, weights: torch.Tensor,
              route_ids: torch.Tensor) -> PackedRoutes:
-        """Gather the channels of `route_ids` [N] int64 straight into the wire rows (the
-        reference pack's gathers, whoever the stage backend is: a gather's bytes do not
-        depend on who computes it). On a device the backend packs on the host."""
+        """Gather the channels of `route_ids` [N] int64, in send order (dst, e, slot) as
+        `plan.presort` gives them, straight into the wire rows (the reference pack's
+        gathers, whoever the stage backend is: a gather's bytes do not depend on who
+        computes it). On a device the backend packs on the host."""
         if not self._host:   # UNTESTED: dispatch copies the rows into the device wire
             return backend.pack_routes(x_norm_i8, x_norm_scale, weights, route_ids)
         n = route_ids.shape[0]
@@ -201,7 +202,7 @@ class EpBuffer:
         if early is not None:                               # started by collect_counts
             early[2].wait()
             if (early[0], early[1]) != (send_split, recv_split) or \
-                    packed.x.data_ptr() != self.send.data_ptr():
+                    self._ret_key != (plan.order.data_ptr(), n_out):
                 raise RuntimeError("dispatch: the plan or the packed rows differ from "
                                    "what the counts announced")
         else:
