@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 from ..pto.runtime import SUPPORTED_PYPTO_VERSION
-from ..pto.swim import CLOCK_MHZ
 
 #: Provenance of every cost-model number (figure footers and legends).
-SIM_SOURCE = (f"SIM cost model (Ascend 910B, pypto {SUPPORTED_PYPTO_VERSION}, "
-              f"{CLOCK_MHZ / 1000:.1f} GHz)")
+SIM_SOURCE = f"SIM cost model (Ascend 910B, pypto {SUPPORTED_PYPTO_VERSION})"
 #: Provenance of the communication numbers (an alpha-beta model, not a measurement).
 MODEL_SOURCE = "modelled communication"
