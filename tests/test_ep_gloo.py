@@ -6,8 +6,11 @@ Spawning is slow (each child imports torch), so one 2-rank world is reused by th
 module, and shapes are tiny."""
 from __future__ import annotations
 
+import multiprocessing
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from bitwise import assert_same_result, same_bytes
@@ -16,7 +19,7 @@ from moe_kernels.config import RunConfig, get_preset
 from moe_kernels.ep import CapacityError, run_ep_layer
 from moe_kernels.ep.dist import DistTimeoutError
 from moe_kernels.ep.faults import FaultyBackends
-from moe_kernels.ep.procs import SpawnedWorld
+from moe_kernels.ep.procs import TMP_PREFIX, SpawnedWorld
 from moe_kernels.fixtures import make_inputs, make_weights
 from moe_kernels.layer import reference_layer
 
@@ -94,6 +97,9 @@ def test_run_ep_layer_gloo_four_ranks(weights) -> None:
 
 
 def test_rank_that_never_arrives_times_out_and_leaves_no_process(weights) -> None:
+    """... nor any temp folder (multiprocessing's pymp-* folders of killed ranks)."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("pymp-*"))
     timeout = 3.0
     run = tiny_run(2)
     inputs = make_inputs(run)
@@ -107,6 +113,9 @@ def test_rank_that_never_arrives_times_out_and_leaves_no_process(weights) -> Non
         elapsed = time.monotonic() - t0
     assert elapsed < timeout + 10, elapsed
     assert not any(alive(p) for p in pids)
+    own = multiprocessing.current_process()._config.get("tempdir")  # removed at our exit
+    assert not {str(p) for p in set(tmp.glob("pymp-*")) - before} - {own}
+    assert not [p for p in tmp.glob(f"{TMP_PREFIX}{os.getpid()}-*")]
 
 
 @pytest.mark.parametrize("ranks", [1, 8])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ def _start_and_kill(cmd: list[str], sig: int, ranks: int, group: bool = False
     whole process group, like a terminal's Ctrl-C, if `group`); return (its descendants
     before the kill, those still alive DIE_WITHIN_S later, its stderr)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    pymp_before = set(Path(tempfile.gettempdir()).glob("pymp-*"))
     err = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
                             start_new_session=group)
@@ -105,6 +108,27 @@ def _start_and_kill(cmd: list[str], sig: int, ranks: int, group: bool = False
             proc.kill()
         for p in _alive(_descendants(proc.pid)):
             os.kill(p, signal.SIGKILL)
+        if sig == signal.SIGKILL:
+            _remove_dead_pymp(pymp_before)
+
+
+def _remove_dead_pymp(before: set[Path]) -> None:
+    """Remove pymp-* folders that appeared since `before` and whose listener socket no
+    longer answers: a SIGKILLed parent cannot remove the folder multiprocessing made
+    for sharing tensors with its ranks (Python's own behaviour), so the test does."""
+    for d in set(Path(tempfile.gettempdir()).glob("pymp-*")) - before:
+        socks = list(d.glob("listener-*"))
+        if socks and all(not _listening(s) for s in socks):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _read(f: object) -> str:
