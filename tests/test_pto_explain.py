@@ -98,3 +98,9 @@ def test_explain_prices_counts_and_picks_the_dominant_part():
 
 def test_path_dict_of_a_folder_without_simulator_output(tmp_path):
     assert ex.path_dict(tmp_path) is None
+
+
+def test_dependencies_are_followed_through_virtual_tasks():
+    # 1 -> 9 (a hub task on no AICore lane) -> 3: 3 depends on 1
+    tasks = {1: {}, 3: {}}
+    assert ex._through_virtual({3: [9], 9: [1, 0], 0: []}, tasks) == {1: [], 3: [1]}

@@ -115,7 +115,27 @@ def _load_run(folder: Path) -> tuple[dict[int, dict], dict[int, list[int]],
                                        "e": int(t["execEnd"])}
     pred = {int(n["taskId"]): [int(p) for p in n.get("predecessors", [])] for n in topo}
     succ = {int(n["taskId"]): [int(p) for p in n.get("successors", [])] for n in topo}
-    return tasks, pred, succ, trace
+    return tasks, _through_virtual(pred, tasks), _through_virtual(succ, tasks), trace
+
+
+def _through_virtual(edges: Mapping[int, list[int]], tasks: Mapping[int, dict]
+                     ) -> dict[int, list[int]]:
+    """Edges between AICore tasks, following chains through tasks that run on no AICore
+    lane (the model's virtual / hub tasks join phases)."""
+    out: dict[int, list[int]] = {}
+    for k in tasks:
+        seen, todo, found = set(), list(edges.get(k, [])), []
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in tasks:
+                found.append(n)
+            else:
+                todo.extend(edges.get(n, []))
+        out[k] = found
+    return out
 
 
 def critical_path(tasks: Mapping[int, dict], pred: Mapping[int, list[int]]
