@@ -104,3 +104,12 @@ def test_dependencies_are_followed_through_virtual_tasks():
     # 1 -> 9 (a hub task on no AICore lane) -> 3: 3 depends on 1
     tasks = {1: {}, 3: {}}
     assert ex._through_virtual({3: [9], 9: [1, 0], 0: []}, tasks) == {1: [], 3: [1]}
+
+
+def test_path_dict_round_trip_and_stale_versions(tmp_path, monkeypatch):
+    d = ex.path_dict(_run_folder(tmp_path))
+    assert d["v"] == ex.PATH_VERSION
+    monkeypatch.setattr("moe_kernels.pto.calibrate.fixed_costs", lambda: FIXED)
+    e = ex.explain_entry(d, 0.0, 0.0, 0.0)
+    assert e.counts == ex.path_counts(tmp_path)
+    assert ex.explain_entry({**d, "v": ex.PATH_VERSION - 1}, 0.0, 0.0, 1.0).counts is None

@@ -39,6 +39,9 @@ _TO_BYTES_RE = re.compile(r" TO .*?(\d+)B")
 #: Pipes whose events are loads (GM -> UB / L1), stores and vector ops (pypto's names).
 LOAD_PIPE, STORE_PIPE, VECTOR_PIPE = "MTE_IN", "MTE_OUT", "VECTOR_ALU"
 _FROM_BYTES_RE = re.compile(r"(\d+)B TO ")
+#: Version of the path counting: a `path_dict` of another version (e.g. in a timing cache
+#: written by an older counter) is not used.
+PATH_VERSION = 2
 #: Names of the parts, in table order.
 PARTS: tuple[str, ...] = ("task", "dma", "chain", "hbm", "cube", "vec")
 
@@ -237,17 +240,19 @@ def path_dict(folder: str | Path) -> dict[str, Any] | None:
     """`path_counts(folder)` as a JSON-able dict (for timing caches); None when the run
     folder lacks the simulator's topology or trace (then only the bounds are shown)."""
     try:
-        return path_counts(folder).to_dict()
+        return {**path_counts(folder).to_dict(), "v": PATH_VERSION}
     except (OSError, ValueError, KeyError):
         return None
 
 
 def explain_entry(path: Mapping[str, Any] | None, hbm_us: float, cube_us: float,
                   vec_us: float) -> Explanation:
-    """The Explanation of a stage from its path counts (a `path_dict`, or None) and its
-    throughput bounds, priced with the cached fixed-cost calibration."""
+    """The Explanation of a stage from its path counts (a `path_dict`, or None / another
+    PATH_VERSION: bounds only) and its throughput bounds, priced with the cached
+    fixed-cost calibration."""
     from .calibrate import fixed_costs
     counts = None
-    if path is not None:
-        counts = PathCounts(**{**path, "links": tuple(path["links"])})
+    if path is not None and path.get("v") == PATH_VERSION:
+        counts = PathCounts(**{k: v for k, v in path.items() if k != "v"}
+                            | {"links": tuple(path["links"])})
     return explain(counts, fixed_costs(), hbm_us, cube_us, vec_us)
