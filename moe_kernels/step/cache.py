@@ -15,6 +15,7 @@ source, the shape or pypto gives a new id: the stale entry is simply never found
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -32,8 +33,8 @@ COMMITTED_PATH = Path(__file__).resolve().parents[1] / "data" / "sim_timings.jso
 KERNEL_MODULES: dict[str, tuple[str, ...]] = {
     "hc_pre": ("hc", "tiling"),
     "gate": ("gate", "tiling"),
-    "expert_shared": ("ffn", "gate", "tiling"),
-    "expert_routed": ("ffn", "gate", "tiling"),
+    "expert_shared": ("ffn", "gate:quantize_rows_q8", "tiling"),
+    "expert_routed": ("ffn", "gate:quantize_rows_q8", "tiling"),
     "pack_routes": ("routes", "tiling"),
     "scatter_routes": ("routes", "tiling"),
     "reduce_routes": ("routes", "tiling"),
@@ -42,13 +43,25 @@ KERNEL_MODULES: dict[str, tuple[str, ...]] = {
 
 
 def source_hash(modules: Iterable[str], root: Path | None = None) -> str:
-    """sha256 (hex, 16 chars) over the source files of moe_kernels.pto modules (or of
-    `root`/<module>.py), in order."""
+    """sha256 (hex, 16 chars) over the source of moe_kernels.pto modules (or of
+    `root`/<module>.py), in order; "module:function" hashes only that top-level function
+    (ffn uses one helper of gate.py, whose other kernels change independently)."""
     h = hashlib.sha256()
     pto_dir = root if root is not None else Path(rt.__file__).resolve().parent
     for m in modules:
-        h.update(m.encode() + b"\0" + (pto_dir / f"{m}.py").read_bytes() + b"\0")
+        mod, _, fn = m.partition(":")
+        text = (pto_dir / f"{mod}.py").read_text()
+        if fn:
+            text = _function_source(text, fn, m)
+        h.update(m.encode() + b"\0" + text.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def _function_source(text: str, fn: str, what: str) -> str:
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and node.name == fn:
+            return ast.get_source_segment(text, node) or ""
+    raise ValueError(f"{what}: no top-level function {fn!r}")
 
 
 def make_key(kernel: str, shape: dict[str, Any], source: str | None = None) -> dict[str, Any]:
