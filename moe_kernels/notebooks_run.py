@@ -28,10 +28,12 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 BUILD_DIR = REPO_ROOT / "build" / "notebooks"
 #: Parameters of the main batch run (the seed's shape), applied where a notebook has them.
 #: The batch run's shape is the seed's decode step (demo preset, 2 ranks; notebooks keep
-#: batch 64 and seq 2 as defaults); the pypto comparison of 03 and the model-shape
-#: roofline of 04 are on. Each entry applies only to notebooks that declare it.
+#: batch 64 and seq 2 as defaults); the pypto comparison of 03 is on, and 04's step at
+#: scale and its sweeps run at DeepSeek-V4-Flash on 8 ranks, batch 16, seq 2. Each entry
+#: applies only to notebooks that declare it.
 MAIN_RUN_PARAMETERS: dict[str, Any] = {"preset": "demo", "ranks": 2, "batch": 64, "seq": 2,
-                                       "compare_pypto": True, "roofline_shape": "model"}
+                                       "compare_pypto": True, "scale_preset": "flash",
+                                       "scale_ranks": 8, "scale_batch": 16, "scale_seq": 2}
 KERNEL_NAME = "python3"
 #: Seconds a single cell may run before papermill gives up.
 CELL_TIMEOUT_S = 600

@@ -1,21 +1,15 @@
-"""moe_kernels.analysis.rank_latency, latency_bars, published, latency_plots: swim parsing, per-rank
-attribution (with a fake timed backend: no pypto), bar and sweep data, parameter checks,
-the published-figures table, and the figures (deterministic PNG bytes)."""
+"""moe_kernels.analysis.step_sweeps and latency_plots (with a fake step model: no pypto),
+notebook 04's parameter checks, the published figures, and pto.swim's trace parsing."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
-import torch
 
-from moe_kernels.analysis import latency_bars as lb
 from moe_kernels.analysis import latency_plots as lp
-from moe_kernels.analysis import rank_latency as rl
-from moe_kernels.analysis import sources
-from moe_kernels.analysis.comm import COMBINE_LINK, DISPATCH_LINK, comm_model
-from moe_kernels.analysis.params import ParameterError, validate_latency_options, validate_params
+from moe_kernels.analysis import step_sweeps as ss
+from moe_kernels.analysis.comm import published_comparison
+from moe_kernels.analysis.params import ParameterError, validate_latency_options
 from moe_kernels.analysis.plots import figure_png
 from moe_kernels.analysis.published import (
     KINDS,
@@ -23,12 +17,10 @@ from moe_kernels.analysis.published import (
     format_published,
     published_figures,
 )
-from moe_kernels.backend import TorchBackend
-from moe_kernels.ep import run_ep_layer
-from moe_kernels.fixtures import make_inputs, make_weights
+from moe_kernels.config import RunConfig, get_preset
 from moe_kernels.pto import swim
-from moe_kernels.pto.runtime import LatencyRecord
-from moe_kernels.stages import STAGE_NAMES
+from moe_kernels.stages import EP_STEP_STAGES
+from moe_kernels.step.model import RankStep, StepResult, _schedule
 
 SWIM = [
     {"blockIdx": 0, "coreType": "AIC", "tasks": [
@@ -72,156 +64,126 @@ def test_parse_swim_tasks_errors(tmp_path):
         swim.parse_swim_tasks({"not": "a list"})
 
 
-class FakeTimedBackend(TorchBackend):
-    """Torch stages that log a LatencyRecord like PyptoBackend (us = 1 + stage index), and
-    expert_routed us = rows received, so ranks differ."""
 
-    name = "fake"
-
-    def __init__(self, swim_path: str) -> None:
-        self.latencies: list = []
-        self.swim_path = swim_path
-
-    def _rec(self, stage: str, us: float) -> None:
-        self.latencies.append((stage, LatencyRecord(
-            kernel=stage, aicore_cycles=int(us * 1800), aicore_us=us, clock_mhz=1800.0,
-            utilization=0.5, n_tasks=2, total_cycles_incl_sched=0, swim_path=self.swim_path,
-            trace_path=self.swim_path, output_dir="")))
-
-    def __getattribute__(self, name: str):
-        attr = super().__getattribute__(name)
-        if name in STAGE_NAMES:
-            def timed(*args, **kwargs):
-                out = attr(*args, **kwargs)
-                us = (float(args[3].sum()) if name == "expert_routed"
-                      else 1.0 + STAGE_NAMES.index(name))
-                self._rec(name, us)
-                return out
-            return timed
-        return attr
+def fake_step(run, skew=0.0, seed=0, eplb_slots=None, overlap=False, **_):
+    """A StepResult without routing or SIM: stage us 1 each, expert_routed = rows
+    received (rank r gets T·K·(1 + skew·r/R) rows, EPLB halves the skew), comm from
+    ranks and tokens; scheduled by the step model's own barrier schedule."""
+    r_, t = run.ranks, run.tokens
+    s = skew / 2 if eplb_slots else skew
+    ranks = []
+    for r in range(r_):
+        rows = int(t * run.model.num_experts_per_tok * (1 + s * r / r_))
+        stages = {n: (float(rows) if n == "expert_routed" else 1.0) for n in EP_STEP_STAGES}
+        ranks.append(RankStep(rank=r, rows_received=rows, expert_rows=[rows], dropped=0,
+                              stages_us=stages, comm_us={"count": 1.0, "dispatch": 2.0 * r_,
+                                                         "combine": float(t)}))
+    _schedule(ranks, overlap)
+    cfg = dict(run.to_dict(), skew=skew, seed=seed, capacity=r_ * t, overlap=overlap,
+               eplb_slots=eplb_slots, routes_dropped=0)
+    return StepResult(config=cfg, ranks=ranks)
 
 
 @pytest.fixture(scope="module")
-def tiny_run():
-    p = validate_params(preset="tiny", ranks=2, batch=4, seq=2, seed=0, figures_dir="/tmp/x")
-    run = p.run
-    return run, make_inputs(run, 0), make_weights(run.model, 0)
+def tiny():
+    return RunConfig(model=get_preset("tiny"), batch=2, seq=2, ranks=4)
 
 
-def test_run_ep_per_rank_attributes_every_call(tiny_run, tmp_path):
-    run, inputs, weights = tiny_run
-    swim = str(_write_swim(tmp_path))
-    per = rl.run_ep_per_rank(run, inputs, weights,
-                              make_backend=lambda: FakeTimedBackend(swim))
-    ref = run_ep_layer(run, inputs, weights)
-    assert torch.equal(per.result.x_next, ref.x_next)     # wrapping changes no bits
-    stages = [s for s in STAGE_NAMES if s != "scatter_routes"]
-    for r in range(run.ranks):
-        assert [c.stage for c in per.calls if c.rank == r] == stages
-    for r in range(run.ranks):                                # call order on each rank
-        assert [c.index for c in per.calls if c.rank == r] == list(range(len(stages)))
-    recv = per.result.layout.recv_count.sum(dim=1)
-    bars = lb.per_rank_stage_bars(per.calls, run.ranks)
-    assert bars.categories == ("rank 0", "rank 1")
-    assert list(bars.segments) == stages                   # program order, no scatter
-    assert bars.segments["expert_routed"] == tuple(float(v) for v in recv)
-    assert bars.segments["gate"] == (2.0, 2.0)
-    assert per.swim("expert_routed", 1).lanes == ("AIC 0", "AIV 24")
-    assert all(c.swim is None for c in per.calls if c.stage != "expert_routed")
-    with pytest.raises(KeyError, match="no swimlane kept"):
-        per.swim("gate", 0)
+def test_step_point_splits_the_slowest_rank(tiny):
+    res = fake_step(tiny, skew=1.0)
+    p = ss.step_point(res, 1.0)
+    slow = res.ranks[p.rank]
+    assert p.step_us == res.step_us == slow.total_us
+    assert p.compute_us + p.comm_us + p.wait_us == pytest.approx(p.step_us)  # serial
+    assert p.routed_max_us == 14.0 and p.routed_min_us == 8.0
+    assert p.rows_max == 14 and p.rows_mean == pytest.approx(11.0)
+    assert p.rows_imbalance == pytest.approx(14 / 11)
+    assert 0 < p.comm_share < 1 and p.dropped == 0
+    assert ss.step_shape(res) == "tiny · R=4 · T=4/rank · C=16"
+    assert ss.step_shape(res, skew=1) == "tiny · R=4 · T=4/rank · C=16 · skew=1"
 
 
-def test_run_ep_per_rank_keeps_the_swim_parsed_with_the_call(tiny_run, tmp_path):
-    """A record that carries its parsed swimlane is used even after its file is gone."""
-    run, inputs, weights = tiny_run
-    path = _write_swim(tmp_path)
-    table = swim.parse_swim_tasks(path, kernel="expert_routed")
-
-    class Carrying(FakeTimedBackend):
-        def _rec(self, stage, us):
-            super()._rec(stage, us)
-            name, rec = self.latencies[-1]
-            self.latencies[-1] = (name, replace(rec, swim=table))
-
-    path.unlink()
-    per = rl.run_ep_per_rank(run, inputs, weights, make_backend=lambda: Carrying(str(path)),
-                             keep_swim=None)
-    assert all(c.swim is table for c in per.calls)
+def test_idle_gaps_are_the_barrier_waits(tiny):
+    assert ss.idle_gaps([("a", 0.0, 1.0), ("b", 2.0, 3.0), ("c", 2.5, 4.0)]) == [(1.0, 2.0)]
+    assert ss.idle_gaps([("a", 0.5, 1.0)]) == [(0.0, 0.5)]
+    for ov in (False, True):
+        res = fake_step(tiny, skew=1.0, overlap=ov)
+        for rk in res.ranks:
+            assert sum(b - a for a, b in ss.idle_gaps(rk.timeline)) == pytest.approx(
+                rk.wait_us)
 
 
-def test_bars_and_segments():
-    calls = [rl.KernelCall(0, "gate", 0, 2.0, 1, 0.5), rl.KernelCall(1, "gate", 1, 3.0, 1, 0.5),
-             rl.KernelCall(1, "hc_pre", 2, 1.0, 1, 0.5), rl.KernelCall(1, "gate", 3, 1.0, 1, .5)]
-    bars = lb.per_rank_stage_bars(calls, 2)
-    assert list(bars.segments) == ["hc_pre", "gate"]
-    assert bars.segments["gate"] == (2.0, 4.0) and bars.totals == (2.0, 5.0)
-    step = lb.add_segments(bars, {"dispatch (model)": [1.0, 2.0]})
-    assert step.totals == (3.0, 7.0)
-    with pytest.raises(ValueError, match="needs 2 values"):
-        lb.add_segments(bars, {"x": [1.0]})
-    with pytest.raises(ValueError, match="already present"):
-        lb.add_segments(bars, {"gate": [1.0, 1.0]})
-    with pytest.raises(ValueError, match="outside"):
-        lb.per_rank_stage_bars(calls, 1)
-    with pytest.raises(ValueError, match="not one of"):
-        lb.per_rank_stage_bars([rl.KernelCall(0, "dispatch", 0, 1.0, 1, 1.0)], 1)
+def test_sweeps(tiny):
+    skew = ss.skew_sweep(tiny, [0.0, 2.0], step=fake_step)
+    eplb = ss.skew_sweep(tiny, [0.0, 2.0], eplb_slots=4, step=fake_step)
+    assert [p.x for p in skew] == [0.0, 2.0]
+    assert skew[1].step_us > skew[0].step_us == eplb[0].step_us
+    assert eplb[1].step_us < skew[1].step_us
+    by_r = ss.ranks_sweep(tiny, [2, 8], step=fake_step)
+    assert [p.x for p in by_r] == [2.0, 8.0] and by_r[1].comm_us > by_r[0].comm_us
+    by_t = ss.tokens_sweep(tiny, [4, 16], step=fake_step)
+    assert [p.rows_mean for p in by_t] == [8.0, 32.0]
+    with pytest.raises(ValueError, match="multiples of seq=2"):
+        ss.tokens_sweep(tiny, [3], step=fake_step)
 
 
-def test_sweeps_with_a_fake_report(tiny_run):
-    run = tiny_run[0]
-    seen = []
+def test_step_vs_published_and_findings(tiny):
+    steps = (fake_step(tiny), fake_step(tiny, overlap=True))
+    cmp = ss.step_vs_published(*steps)
+    assert cmp.published.value_us == 281.0 and cmp.published.quantity == ss.PUBLISHED_STEP
+    assert cmp.ratio == pytest.approx(steps[0].step_us / 281.0)
+    assert cmp.overlapped_us == steps[1].step_us <= steps[0].step_us
+    pts = ss.skew_sweep(tiny, [0.0, 2.0], step=fake_step)
+    md = ss.step_findings(steps, steps, pts, pts, 4, pts, pts, published_comparison(), cmp)
+    assert md.startswith("## What we saw\n")
+    assert "Skew (tiny, R=4)" in md and "EPLB with 4 redundant slots" in md
+    assert "fitted on EP8" in md and "281 us" in md
+    assert f"{steps[0].step_us:.1f} us serial" in md
 
-    def report(r, seed, stages):
-        seen.append((r.batch, r.ranks, seed, stages))
-        return [SimpleNamespace(stage="gate", sim_us=float(r.tokens)),
-                SimpleNamespace(stage="expert_routed", sim_us=float(r.n_local))]
 
-    runs = lb.batch_sweep_runs(run, [2, 8])
-    assert [r.tokens for r in runs] == [4, 16]
-    series = lb.sweep_series(lb.stage_sweep(runs, 3, report=report))
-    assert series == {"gate": [4.0, 16.0], "expert_routed": [8.0, 8.0],
-                      "total (sum of stages)": [12.0, 24.0]}
-    assert seen == [(2, 2, 3, None), (8, 2, 3, None)]
-    rr = lb.ranks_sweep_runs(run, [1, 4])
-    assert [r.n_local for r in rr] == [16, 4]
-    fixed = [SimpleNamespace(stage="gate", sim_us=99.0), SimpleNamespace(stage="hc_post",
-                                                                         sim_us=1.0)]
-    one = lb.sweep_series([[SimpleNamespace(stage="gate", sim_us=2.0)]], fixed=fixed)
-    assert one == {"gate": [2.0], "total (sum of stages; 1 unchanged stages fixed)": [3.0]}
-    again = lb.stage_sweep(runs, 3, report=report, known={runs[0]: ["cached"]})
-    assert again[0] == ["cached"] and len(seen) == 3
-    with pytest.raises(ValueError, match="different stages"):
-        lb.sweep_series([[SimpleNamespace(stage="a", sim_us=1.0)],
-                          [SimpleNamespace(stage="b", sim_us=1.0)]])
+def test_latency_figures_are_deterministic(tiny):
+    steps = (fake_step(tiny, skew=1.0), fake_step(tiny, skew=1.0, overlap=True))
+    pts = ss.skew_sweep(tiny, [0.0, 1.0, 2.0], step=fake_step)
+    rec = type("R", (), dict(stage="gate", sim_us=5.0, roofline_us=1.0,
+                             config_roofline_us=0.5, ratio=5.0))()
+    figs = [lp.plot_step_gantt({"serial": steps[0], "overlapped": steps[1]}, "gantt"),
+            lp.plot_skew_sweep({"home": pts, "eplb": pts}, "skew"),
+            lp.plot_step_sweep(pts, "sweep", xlabel="x"), lp.plot_roofline([rec], "roof"),
+            lp.plot_comm_vs_published(published_comparison(), "comm"),
+            lp.plot_step_vs_published(ss.step_vs_published(*steps), "pub")]
+    for fig in figs:
+        assert figure_png(fig) == figure_png(fig)
+    labels = [t.get_text() for t in figs[0].legends[0].get_texts()] if figs[0].legends else [
+        t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    assert "dispatch (model)" in labels and "waiting at a barrier" in labels
 
 
 def _opts(**kw):
-    base = dict(ranks=2, n_experts=16, swim_stage="expert_routed", swim_rank=0,
-                run_sweeps=True, batch_sweep=[8, 2], ranks_sweep=[2, 1])
+    base = dict(scale_preset="tiny", scale_ranks=4, scale_batch=2, scale_seq=2,
+                routing="hash", seed=0, figures_dir="/tmp/x", skew_sweep=[2, 0],
+                eplb_per_rank=1, ranks_sweep=[8, 2], tokens_sweep=[8, 4])
     return validate_latency_options(**{**base, **kw})
 
 
 def test_validate_latency_options():
     o = _opts()
-    assert o.batch_sweep == (2, 8) and o.ranks_sweep == (1, 2)
-    assert o.dispatch_link == DISPATCH_LINK and o.combine_link == COMBINE_LINK
-    o2 = _opts(dispatch_gbps=100, combine_latency_us=0)
-    assert o2.dispatch_link.bandwidth_gbps == 100.0 and o2.dispatch_link.source == "parameter"
-    assert o2.combine_link.latency_us == 0.0
-    assert json.loads(json.dumps(o2.as_dict()))["dispatch_gbps"] == 100.0
-    for kw, name in [({"swim_stage": "scatter_routes"}, "swim_stage"),
-                     ({"swim_rank": 2}, "swim_rank"), ({"run_sweeps": 1}, "run_sweeps"),
-                     ({"batch_sweep": []}, "batch_sweep"), ({"batch_sweep": [0]}, "batch_sweep"),
+    assert o.skew_sweep == (0.0, 2.0) and o.ranks_sweep == (2, 8)
+    assert o.tokens_sweep == (4, 8) and o.eplb_slots == 4
+    assert o.scale.run.ranks == 4 and o.scale.run.tokens == 4
+    d = json.loads(json.dumps(o.as_dict()))
+    assert d["scale_preset"] == "tiny" and d["tokens_sweep"] == [4, 8]
+    for kw, name in [({"scale_ranks": 3}, "scale_ranks"), ({"scale_batch": 0}, "scale_batch"),
+                     ({"skew_sweep": []}, "skew_sweep"), ({"skew_sweep": [-1]}, "skew_sweep"),
+                     ({"eplb_per_rank": 0}, "eplb_per_rank"),
+                     ({"eplb_per_rank": 13}, "eplb_per_rank"),
                      ({"ranks_sweep": [3]}, "ranks_sweep"),
-                     ({"dispatch_gbps": -1}, "dispatch_gbps"),
-                     ({"combine_latency_us": -1.0}, "combine_latency_us"),
-                     ({"messages": "bulk"}, "messages")]:
+                     ({"tokens_sweep": [3]}, "tokens_sweep"),
+                     ({"tokens_sweep": [0]}, "tokens_sweep")]:
         with pytest.raises(ParameterError) as err:
             _opts(**kw)
         assert err.value.name == name
-    with pytest.raises(ParameterError, match=r"\[1, 2, 4, 8, 16\]"):
-        _opts(ranks_sweep=[3])
+    with pytest.raises(ParameterError, match="scale_ranks >= 2"):
+        _opts(scale_ranks=1)
 
 
 def test_published_figures_have_sources_and_settings():
@@ -242,51 +204,18 @@ def test_published_figures_have_sources_and_settings():
         PublishedFigure("x", 1.0, "stage", " ", "s")
 
 
-def test_latency_figures_are_deterministic(tiny_run):
-    run = tiny_run[0]
-    table = swim.parse_swim_tasks(SWIM, kernel="k")
-    bars = lb.StackedBars(("rank 0", "rank 1"), {"gate": (2.0, 3.0), "hc_post": (1.0, 1.0)})
-    counts = torch.tensor([[[2, 1], [3, 0]], [[1, 1], [0, 2]]])
-    cm = comm_model(counts, 256)
-    rec = SimpleNamespace(stage="gate", sim_us=5.0, roofline_us=1.0, config_roofline_us=0.5,
-                          ratio=5.0)
-    figs = [lp.plot_stacked_bars(bars, f"bars, {sources.SIM_SOURCE}", notes={"rank 0": "n"}),
-            lp.plot_stacked_bars(lb.add_segments(bars, {"dispatch (model)": [1, 2]}), "t",
-                                 hatched=("dispatch (model)",)),
-            lp.plot_swimlane(table, "swim"), lp.plot_roofline([rec], "roof"),
-            lp.plot_comm_model(cm, "comm", published_figures(["communication"])[:2]),
-            lp.plot_beside_published([("ours", 3.0, "SIM"), ("m", 2.0, "model")],
-                                     published_figures(), "beside"),
-            lp.plot_sweep([16, 64, 256], {"gate": [1, 2, 3], "total (sum)": [2, 4, 6]},
-                          "sweep", xlabel="tokens")]
-    for fig in figs:
-        assert figure_png(fig) == figure_png(fig)
-    with pytest.raises(ValueError, match="provenance"):
-        lp.plot_beside_published([("x", 1.0, "guess")], [], "t")
-    assert run.ranks == 2
-
-
-def test_tight_capacity_whatif_sizes_each_rank_by_its_rows(tiny_run):
-    run, _, weights = tiny_run
+def test_fit_levels_stop_at_the_rows_received(monkeypatch):
+    """step.timing.fit_routed(max_rows=...): no fit kernel above the first 16·2^j >= the
+    most rows an expert received (the capacity R·T can be far larger)."""
+    from moe_kernels.step import timing
     seen = []
 
-    def kernel(x, scale, w, count, *rest):
-        seen.append((tuple(x.shape), count.tolist()))
-        rec = LatencyRecord("expert_routed", 0, float(x.shape[1]), 1800.0, 0.5, 3, 0, "",
-                            "", "")
-        return None, rec
-
-    counts = torch.zeros(2, run.n_local, dtype=torch.int64)
-    counts[0, 1], counts[1, 0] = 5, 2
-    calls = rl.tight_capacity_whatif(run, weights, counts, kernel=kernel)
-    assert [c.aicore_us for c in calls] == [16.0, 16.0] and [c.rank for c in calls] == [0, 1]
-    assert seen[0][0] == (run.n_local, 16, run.model.hidden_size)
-    assert rl.tight_capacity(counts, 4) == [8, 4]
-    assert rl.tight_capacity(torch.zeros(1, 3, dtype=torch.int64)) == [1]
-    assert [c.aicore_us for c in rl.tight_capacity_whatif(
-        run, weights, counts, kernel=kernel, row_multiple=1)] == [5.0, 2.0]
-    with pytest.raises(ValueError, match="row_multiple"):
-        rl.tight_capacity(counts, 0)
-    assert seen[1][1][0] == 2
-    with pytest.raises(ValueError, match="recv_count"):
-        rl.tight_capacity_whatif(run, weights, counts[0], kernel=kernel)
+    def sim(rows, capacity, *a):
+        seen.append(max(rows))
+        return 10.0 + sum(1.0 + m / 16 for m in rows if m), True
+    monkeypatch.setattr(timing, "routed_sim_us", sim)
+    fit = timing.fit_routed(32, 4096, 64, 64, 0.0, max_rows=40)
+    assert fit.levels == (16, 32, 64) and max(seen) == 64
+    assert fit.predict([16, 48]) == pytest.approx(10.0 + 2.0 + 1.0 + 3.0)
+    assert timing.fit_routed(32, 48, 64, 64, 0.0, max_rows=40).levels == (16, 32, 48)
+    assert timing.fit_routed(32, 256, 64, 64, 0.0).levels[-1] == 256

@@ -9,7 +9,6 @@ from moe_kernels.analysis import ep_plots
 from moe_kernels.analysis import layout_views as lv
 from moe_kernels.analysis.params import (
     ParameterError,
-    validate_choice,
     validate_factor,
     validate_flag,
     validate_params,
@@ -161,9 +160,3 @@ def test_dispatch_plots_render_deterministically(example_layout) -> None:
         ep_plots.plot_receive_windows(src, route[:1], "bad")
     with pytest.raises(ValueError, match="placed and dropped"):
         ep_plots.plot_overflow(example_layout.recv_count, example_layout.dropped[:1], 5, "x")
-
-
-def test_validate_choice_names_parameter_and_allowed_values():
-    assert validate_choice("roofline_shape", "sim", ("sim", "model")) == "sim"
-    with pytest.raises(ParameterError, match=r"roofline_shape.*sim \| model"):
-        validate_choice("roofline_shape", "demo", ("sim", "model"))

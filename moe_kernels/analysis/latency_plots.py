@@ -1,94 +1,159 @@
-"""Latency figures for notebook 04: stacked per-rank bars, swimlane, SIM vs roofline, the
-communication model, and ours beside published figures. Same conventions as `plots`
-(Agg canvas, Okabe-Ito, units on axes, legends outside); every figure's title or legend
-names where its numbers come from (SIM cost model, modelled communication, published)."""
+"""Latency figures of notebook 04, built on the EP step model: a per-rank Gantt chart of
+the whole step, sweeps of the step (skew, ranks, tokens per rank), SIM stages against their
+rooflines, and like-for-like comparisons with published figures. Same conventions as
+`plots` (Agg canvas, units on axes, legends outside); stages and communication phases take
+`style.stage_colour`, ranks `style.rank_colour`, and modelled communication is hatched.
+Source and shape go in the footer (`manifest.FigureWriter`), not here."""
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Mapping, Sequence
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..pto.swim import SwimTable
-from .comm import CommModel
-from .latency_bars import StackedBars
-from .plots import _legend, colour, new_figure
-from .published import PublishedFigure
+from ..step.model import StepResult
+from .comm import ComparisonRow
+from .plots import new_figure
+from .step_sweeps import COMM_KEYS, StepPoint, StepVsPublished, idle_gaps
+from .style import colour, legend_outside, stage_colour
 
-#: Hatch pattern that marks modelled (not simulated) segments.
+#: Hatch pattern that marks modelled (not simulated) time.
 MODEL_HATCH = "//"
-#: Face colours of modelled (hatched) segments in stacked bars.
-MODEL_GREYS: tuple[str, ...] = ("#DDDDDD", "#999999", "#666666")
-#: Swimlanes drawn at most (busy lanes beyond are summarised in the title).
-SWIM_LANES_MAX = 48
-#: Wrap width of long titles and labels (characters).
-WRAP = 70
-#: Colour per provenance in the beside-published figure.
-PROVENANCE_COLOURS: dict[str, int] = {"SIM": 4, "model": 0, "published": 7}
+#: Colour of compute (SIM) in breakdown bars (Paul Tol's blue: no rank or stage has it);
+#: communication and waiting use stage_colour.
+COMPUTE_COLOUR = "#4477AA"
+#: Colour of published figures.
+PUBLISHED_COLOUR = colour(7)
 
 
-def wrap_title(text: str, width: int = WRAP) -> str:
-    """`text` wrapped at `width` characters (long titles and labels)."""
-    return "\n".join(textwrap.wrap(text, width)) or text
+def _comm_style(name: str) -> dict:
+    return {"facecolor": stage_colour(name), "hatch": MODEL_HATCH, "edgecolor": "0.2",
+            "linewidth": 0.3}
 
 
-def plot_stacked_bars(bars: StackedBars, title: str, ylabel: str = "latency (us)",
-                      hatched: Sequence[str] = (), notes: Mapping[str, str] | None = None
-                      ) -> Figure:
-    """One stacked bar per category (rank), one segment per stage in program order;
-    segments named in `hatched` are drawn hatched (modelled). Totals on top; optional
-    per-category `notes` under the total (e.g. rows received)."""
-    n = len(bars.categories)
-    fig, (ax,) = new_figure(max(6.0, 1.2 * n + 4.5), 4.6)
-    bottom = [0.0] * n
-    x = list(range(n))
-    plain = [s for s in bars.segments if s not in hatched]
-    for stage, vals in bars.segments.items():
-        if stage in hatched:  # modelled: greys with black hatching, never a stage colour
-            j = list(hatched).index(stage)
-            style = {"color": MODEL_GREYS[j % len(MODEL_GREYS)], "hatch": MODEL_HATCH,
-                     "edgecolor": "black"}
-        else:
-            style = {"color": colour(plain.index(stage)), "edgecolor": "white"}
-        ax.bar(x, vals, bottom=bottom, width=0.6, label=stage, linewidth=0.5, **style)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    for xi, tot, cat in zip(x, bars.totals, bars.categories, strict=True):
-        note = f"\n{notes[cat]}" if notes and cat in notes else ""
-        ax.annotate(f"{tot:.1f} us{note}", (xi, tot), ha="center", va="bottom", fontsize=8)
-    lo, hi = ax.get_ylim()
-    ax.set_ylim(lo, hi * 1.18)
-    ax.set_xticks(x, list(bars.categories))
-    ax.set(title=wrap_title(title), ylabel=ylabel, xlabel="rank")
-    _legend(ax)
+def _overlaps(iv: tuple[str, float, float], timeline: Sequence[tuple[str, float, float]]
+              ) -> bool:
+    return any(o is not iv and o[1] < iv[2] - 1e-9 and iv[1] < o[2] - 1e-9
+               for o in timeline)
+
+
+def _gantt_panel(ax: Axes, res: StepResult, label: str) -> set[str]:
+    """Draw one step's timelines (one lane per rank); returns the names drawn. Intervals
+    that run beside another (overlap) take the lane's upper (communication) or lower
+    (compute) half."""
+    seen: set[str] = set()
+    for rk in res.ranks:
+        y = rk.rank
+        for iv in rk.timeline:
+            what, a, b = iv
+            comm = what in COMM_KEYS
+            lo, h = y - 0.4, 0.8
+            if _overlaps(iv, rk.timeline):
+                lo, h = (y - 0.4, 0.4) if comm else (y, 0.4)
+            style = _comm_style(what) if comm else {"facecolor": stage_colour(what),
+                                                    "edgecolor": "white", "linewidth": 0.3}
+            ax.broken_barh([(a, b - a)], (lo, h), **style)
+            seen.add(what)
+        for a, b in idle_gaps(rk.timeline):
+            ax.broken_barh([(a, b - a)], (y - 0.15, 0.3), facecolor=stage_colour("wait"))
+            seen.add("wait")
+    ax.axvline(res.step_us, color="0.2", linestyle="--", linewidth=1)
+    ax.annotate(f"step {res.step_us:.1f} us ", (res.step_us, -0.55), ha="right",
+                va="bottom", fontsize=9)
+    n = len(res.ranks)
+    ax.set_yticks(range(n), [f"rank {r}" for r in range(n)])
+    ax.set_ylim(n - 0.5, -1.1)
+    ax.set(title=label, ylabel="rank", xlabel="time in the step (us)")
+    return seen
+
+
+def plot_step_gantt(panels: Mapping[str, StepResult], title: str) -> Figure:
+    """One panel per schedule (e.g. serial, overlapped) of the same step: every rank's
+    stages (SIM), count exchange / dispatch / combine (MODEL, hatched) and waits (thin
+    dark bars) on a shared time axis, the step time dashed."""
+    ranks = len(next(iter(panels.values())).ranks)
+    fig, axes = new_figure(10.0, len(panels) * (0.32 * ranks + 1.3) + 1.0, nrows=len(panels))
+    seen: set[str] = set()
+    for ax, (label, res) in zip(axes, panels.items(), strict=True):
+        seen |= _gantt_panel(ax, res, label)
+    hi = max(r.step_us for r in panels.values()) * 1.02
+    for ax in axes:
+        ax.set_xlim(0, hi)
+    order = [s for s in next(iter(panels.values())).ranks[0].stages_us] + list(COMM_KEYS)
+    handles = [Patch(**(_comm_style(s) if s in COMM_KEYS else {"facecolor": stage_colour(s)}),
+                     label=f"{s} (model)" if s in COMM_KEYS else s)
+               for s in order if s in seen]
+    if "wait" in seen:
+        handles.append(Patch(facecolor=stage_colour("wait"), label="waiting at a barrier"))
+    legend_outside(axes[0], handles=handles)
+    fig.suptitle(title)
     return fig
 
 
-def plot_swimlane(table: SwimTable, title: str, max_lanes: int = SWIM_LANES_MAX) -> Figure:
-    """Gantt chart of one kernel's AICore tasks: lanes (AIC cube / AIV vector cores) x
-    time in us; the span is pypto's AICore End-to-End Time."""
-    lanes = table.lanes[:max_lanes]
-    row = {lane: i for i, lane in enumerate(lanes)}
-    fig, (ax,) = new_figure(8.0, min(9.0, max(3.0, 0.16 * len(lanes) + 1.8)))
-    for t in table.tasks:
-        if t.lane not in row:
-            continue
-        c = colour(4) if t.core_type == "AIC" else colour(0)
-        ax.broken_barh([(t.start_us, t.duration_us)], (row[t.lane] - 0.4, 0.8),
-                       facecolors=c, edgecolors="white", linewidth=0.3)
-    ax.axvline(table.span_us, color="0.3", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(lanes)), list(lanes), fontsize=6)
-    ax.invert_yaxis()
-    more = len(table.lanes) - len(lanes)
-    extra = f" (+{more} lanes not drawn)" if more > 0 else ""
-    ax.set(title=wrap_title(title + extra), xlabel=f"time (us at {table.clock_mhz:.0f} MHz)",
-           ylabel="core lane (type, block)")
-    ax.legend(handles=[Patch(color=colour(4), label="AIC (cube) task"),
-                       Patch(color=colour(0), label="AIV (vector) task"),
-                       Patch(facecolor="none", edgecolor="0.3", linestyle="--",
-                             label=f"span {table.span_us:.2f} us, {len(table.tasks)} "
-                                   f"tasks, util {table.utilization:.0%}")],
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+def _breakdown(ax: Axes, xs: Sequence[float], pts: Sequence[StepPoint], width: float = 0.6,
+               totals: bool = True) -> None:
+    """Stacked bars of the slowest rank: compute (SIM), communication (MODEL), waiting."""
+    bottom = [0.0] * len(pts)
+    parts = (("compute: SIM stages", [p.compute_us for p in pts],
+              {"facecolor": COMPUTE_COLOUR}),
+             ("communication (model)", [p.comm_us for p in pts], _comm_style("dispatch")),
+             ("waiting", [p.wait_us for p in pts], {"facecolor": stage_colour("wait")}))
+    for label, vals, style in parts:
+        ax.bar(list(xs), vals, bottom=bottom, width=width, label=label, **style)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    if totals:
+        for x, p in zip(xs, pts, strict=True):
+            ax.annotate(f"{p.step_us:.0f}", (x, p.step_us), ha="center", va="bottom",
+                        fontsize=9)
+
+
+def plot_step_sweep(points: Sequence[StepPoint], title: str, xlabel: str) -> Figure:
+    """Left: the slowest rank's step split into compute, communication and waiting per
+    sweep value; right: communication's share of the step."""
+    fig, (a1, a2) = new_figure(11.0, 4.4, ncols=2)
+    xs = list(range(len(points)))
+    labels = [f"{p.x:g}" for p in points]
+    _breakdown(a1, xs, points)
+    lo, hi = a1.get_ylim()
+    a1.set_ylim(lo, hi * 1.1)
+    a1.set_xticks(xs, labels)
+    a1.set(xlabel=xlabel, ylabel="step time, slowest rank (us)", title="step time")
+    share = [100 * p.comm_share for p in points]
+    a2.plot(xs, share, marker="o", color=stage_colour("combine"))
+    for x, s in zip(xs, share, strict=True):
+        a2.annotate(f"{s:.0f} %", (x, s), xytext=(0, 5), textcoords="offset points",
+                    ha="center", fontsize=9)
+    a2.set_xticks(xs, labels)
+    a2.set_ylim(0, max(share + [1.0]) * 1.25)
+    a2.set(xlabel=xlabel, ylabel="communication / step (%)",
+           title="communication's share of the step")
+    legend_outside(a1, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncols=3)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_skew_sweep(series: Mapping[str, Sequence[StepPoint]], title: str) -> Figure:
+    """Left: step time against skew, one line per series (e.g. home placement, EPLB);
+    right: rows received by the busiest rank over the mean."""
+    fig, (a1, a2) = new_figure(11.0, 4.4, ncols=2)
+    markers = "osD^"
+    for i, (label, pts) in enumerate(series.items()):
+        xs = [p.x for p in pts]
+        a1.plot(xs, [p.step_us for p in pts], marker=markers[i % 4], color=colour(i),
+                label=label)
+        a2.plot(xs, [p.rows_imbalance for p in pts], marker=markers[i % 4],
+                color=colour(i), label=label)
+        last = pts[-1]
+        a1.annotate(f"{last.step_us:.0f} us", (last.x, last.step_us), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=9)
+    a2.axhline(1.0, color="0.5", linestyle=":", linewidth=1)
+    a1.set(xlabel="synthetic skew (Zipf exponent)", ylabel="step time, slowest rank (us)",
+           title="step time")
+    a2.set(xlabel="synthetic skew (Zipf exponent)",
+           ylabel="busiest rank's rows / mean (ratio)", title="load imbalance")
+    legend_outside(a2)
+    fig.suptitle(title)
     return fig
 
 
@@ -96,7 +161,7 @@ def plot_roofline(records: Sequence, title: str) -> Figure:
     """Grouped bars per stage: SIM latency, calibrated roofline, configured (A2A3.ini)
     roofline, log scale; SIM / calibrated ratio printed above each group. `records` are
     `pto.report.StageRecord`s."""
-    fig, (ax,) = new_figure(8.5, 4.4)
+    fig, (ax,) = new_figure(9.0, 4.6)
     names = [r.stage for r in records]
     series = {"SIM latency": [r.sim_us for r in records],
               "roofline, calibrated limits": [r.roofline_us for r in records],
@@ -109,91 +174,60 @@ def plot_roofline(records: Sequence, title: str) -> Figure:
     ax.set_yscale("log")
     for j, r in enumerate(records):
         ax.annotate(f"x{r.ratio:.1f}", (j, max(r.sim_us, r.roofline_us)), ha="center",
-                    va="bottom", fontsize=7)
+                    va="bottom", fontsize=9)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set(title=wrap_title(title), ylabel="latency (us, log scale)", xlabel="stage")
+    ax.set(title=title, ylabel="latency (us, log scale)", xlabel="stage")
     ax.plot([], [], " ", label="xN: SIM / calibrated roofline")
-    _legend(ax)
+    legend_outside(ax)
     return fig
 
 
-def plot_comm_model(model: CommModel, title: str,
-                    published: Sequence[PublishedFigure] = ()) -> Figure:
-    """Per-rank modelled dispatch and combine time (hatched: a model), with published
-    figures as labelled horizontal reference lines; log scale."""
-    ranks = int(model.rank_us.numel())
-    fig, (ax,) = new_figure(8.5, 4.4)
-    w = 0.35
-    for i, phase in enumerate((model.dispatch, model.combine)):
-        xs = [r - w / 2 + i * w for r in range(ranks)]
-        ax.bar(xs, [max(v, 1e-3) for v in phase.rank_us.tolist()], width=w,
-               color=colour(i), hatch=MODEL_HATCH,
-               edgecolor="white",
-               label=f"{phase.name}, modelled ({phase.link.bandwidth_gbps:g} GB/s, "
-                     f"{phase.link.latency_us:g} us/msg, {phase.link.overhead_us:.0f} us/call)")
-    styles = ("--", ":", "-.")
-    for j, p in enumerate(published):
-        ax.axhline(p.value_us, color=colour(4 + j % 4), linestyle=styles[j % 3],
-                   linewidth=1.2, label=wrap_title(f"published: {p.quantity} = {p.value_us:g} "
-                                              f"us ({p.source}; {p.settings})", 45))
-    ax.set_yscale("log")  # published hardware figures are far above small-shape bars
-    ax.set_xticks(range(ranks), [f"rank {r}" for r in range(ranks)])
-    ax.set(title=wrap_title(title, 55), ylabel="latency (us, log scale)", xlabel="rank")
-    _legend(ax)
+def plot_comm_vs_published(rows: Sequence[ComparisonRow], title: str) -> Figure:
+    """Our modelled dispatch and combine at the published shape beside the published
+    latency, per EP size; the model's error above each pair, the fitted point marked."""
+    fig, (ax,) = new_figure(9.0, 4.4)
+    w = 0.38
+    labelled: set[str] = set()
+    for j, r in enumerate(rows):
+        ax.bar(j - w / 2, r.model_us, width=w, label=None if r.phase in labelled
+               else f"ours, model: {r.phase}", **_comm_style(r.phase))
+        labelled.add(r.phase)
+        ax.bar(j + w / 2, r.published_us, width=w, color=PUBLISHED_COLOUR,
+               label="published: DeepEP-Ascend" if not j else None)
+        tag = "fitted" if r.fitted else f"{r.error_pct:+.0f} %"
+        ax.annotate(tag, (j, max(r.model_us, r.published_us)), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=9)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(0, hi * 1.12)
+    ax.set_xticks(range(len(rows)), [f"EP{r.ep}\n{r.phase}" for r in rows])
+    ax.set(title=title, ylabel="latency per call (us)", xlabel="EP size and phase")
+    legend_outside(ax)
     return fig
 
 
-def plot_beside_published(ours: Sequence[tuple[str, float, str]],
-                          published: Sequence[PublishedFigure], title: str) -> Figure:
-    """Horizontal bars, log scale: our numbers (label, us, provenance 'SIM' or 'model')
-    and published ones, coloured by provenance; each published bar names its source and
-    settings."""
-    rows = [(lbl, v, prov) for lbl, v, prov in ours]
-    rows += [(f"{p.quantity} [{p.source}; {p.settings}]", p.value_us, "published")
-             for p in published]
-    fig, (ax,) = new_figure(10.0, max(3.5, 0.42 * len(rows) + 1.5))
-    for i, (_label, v, prov) in enumerate(rows):
-        if prov not in PROVENANCE_COLOURS:
-            raise ValueError(f"provenance must be one of {list(PROVENANCE_COLOURS)}, "
-                             f"got {prov!r}")
-        ax.barh(i, max(v, 1e-3), color=colour(PROVENANCE_COLOURS[prov]),
-                hatch=MODEL_HATCH if prov == "model" else None, edgecolor="white")
-        ax.annotate(f" {v:.1f} us", (max(v, 1e-3), i), va="center", fontsize=7)
-    ax.set_yticks(range(len(rows)), [wrap_title(r[0], 60) for r in rows], fontsize=6)
+def plot_step_vs_published(cmp: StepVsPublished, title: str) -> Figure:
+    """Horizontal bars: our step (serial, split into compute / communication / waiting;
+    and overlapped) beside the published step figure, labelled with its source."""
+    fig, (ax,) = new_figure(10.0, 3.6)
+    p = cmp.serial
+    left = 0.0
+    for label, v, style in (("compute: SIM stages", p.compute_us,
+                             {"facecolor": COMPUTE_COLOUR}),
+                            ("communication (model)", p.comm_us, _comm_style("dispatch")),
+                            ("waiting", p.wait_us, {"facecolor": stage_colour("wait")})):
+        ax.barh(0, v, left=left, height=0.6, label=label, **style)
+        left += v
+    ax.barh(1, cmp.overlapped_us, height=0.6, facecolor=COMPUTE_COLOUR, alpha=0.6,
+            edgecolor="0.2", label="ours, overlapped schedule (total)")
+    ax.barh(2, cmp.published.value_us, height=0.6, color=PUBLISHED_COLOUR,
+            label=f"published: {cmp.published.source}")
+    for y, v in ((0, p.step_us), (1, cmp.overlapped_us), (2, cmp.published.value_us)):
+        ax.annotate(f" {v:.0f} us", (v, y), va="center", fontsize=9)
+    ax.set_yticks([0, 1, 2], ["ours, serial", "ours, overlapped",
+                              f"published:\n{cmp.published.quantity}"])
     ax.invert_yaxis()
-    ax.set_xscale("log")
     lo, hi = ax.get_xlim()
-    ax.set_xlim(lo, hi * 3)
-    ax.set(title=wrap_title(title, 90), xlabel="latency (us, log scale)")
-    fig.legend(handles=[Patch(color=colour(PROVENANCE_COLOURS["SIM"]),
-                             label="ours: SIM cost model (Ascend 910B, pypto 0.2.0)"),
-                       Patch(facecolor=colour(PROVENANCE_COLOURS["model"]),
-                             hatch=MODEL_HATCH, edgecolor="white",
-                             label="ours: modelled communication (params)"),
-                       Patch(color=colour(PROVENANCE_COLOURS["published"]),
-                             label="published (source in the label)")],
-               loc="outside lower center", ncols=3, fontsize=7, frameon=False)
-    return fig
-
-
-def plot_sweep(x: Sequence[float], series: Mapping[str, Sequence[float]], title: str,
-               xlabel: str, ylabel: str = "SIM latency (us)") -> Figure:
-    """Latency per stage over a sweep, one line per stage (palette without black), and
-    any 'total ...' series as a thick black dashed line; log-2 x axis."""
-    fig, (ax,) = new_figure(7.5, 4.4)
-    markers = "osD^vP*X"
-    k = 0
-    for label, ys in series.items():
-        if label.startswith("total"):
-            ax.plot(list(x), list(ys), color="#000000", linestyle="--", linewidth=2.2,
-                    marker="o", label=label)
-            continue
-        ax.plot(list(x), list(ys), marker=markers[k % len(markers)], color=colour(k % 7),
-                label=label)
-        k += 1
-    if len(x) > 1 and min(x) > 0 and max(x) / min(x) >= 8:
-        ax.set_xscale("log", base=2)
-    ax.set_xticks(list(x), [f"{v:g}" for v in x])
-    ax.set(title=wrap_title(title, 50), xlabel=xlabel, ylabel=ylabel)
-    _legend(ax)
+    ax.set_xlim(0, hi * 1.12)
+    ax.set(title=title, xlabel="time per rank (us)")
+    legend_outside(ax)
     return fig

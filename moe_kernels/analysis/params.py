@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..backend import BACKENDS
 from ..config import (
+    MAX_TOKENS_PER_RANK,
     PRESETS,
     ROUTING_MODES,
     SEED_LIMIT,
@@ -24,7 +25,6 @@ from ..ep.transport import TRANSPORTS
 from ..limits import check_memory
 from ..outputs import check_output_dir
 from ..paths import REPO_ROOT
-from ..stages import EP_STEP_STAGES
 
 
 class ParameterError(ConfigError):
@@ -181,13 +181,6 @@ def max_capacity_factor(n_experts: int, topk: int) -> float:
     return n_experts / topk
 
 
-def validate_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    """`value` if it is one of `allowed`, else ParameterError naming `name` and them."""
-    if value not in allowed:
-        raise ParameterError(name, value, " | ".join(allowed))
-    return value
-
-
 def validate_side_run(prefix: str, **kwargs: Any) -> NotebookParams:
     """`validate_params(**kwargs)` for a notebook's secondary run (e.g. the small pypto
     comparison); a ParameterError names the parameter with `prefix` ('pypto_preset')."""
@@ -198,33 +191,30 @@ def validate_side_run(prefix: str, **kwargs: Any) -> NotebookParams:
 
 
 # --------------------------------------------------------------------------- notebook 04
-#: Allowed values of the notebook's `messages` parameter (comm_model's `per`).
-MESSAGE_MODES: tuple[str, ...] = ("peer", "route")
-
-
 @dataclass(frozen=True)
 class LatencyOptions:
-    """Notebook 04's own parameters, validated."""
+    """Notebook 04's own parameters, validated: the step at scale (its shape, like
+    `validate_params`' run) and the sweeps around it."""
 
-    swim_stage: str
-    swim_rank: int
-    run_sweeps: bool
-    batch_sweep: tuple[int, ...]
+    scale: NotebookParams
+    skew_sweep: tuple[float, ...]
+    eplb_per_rank: int
     ranks_sweep: tuple[int, ...]
-    dispatch_link: Any   # comm.LinkParams
-    combine_link: Any    # comm.LinkParams
-    messages: str
+    tokens_sweep: tuple[int, ...]
+
+    @property
+    def eplb_slots(self) -> int:
+        """Redundant expert slots of the EPLB what-if in total (per rank x ranks)."""
+        return self.eplb_per_rank * self.scale.run.ranks
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe values for the figures manifest."""
-        return {"swim_stage": self.swim_stage, "swim_rank": self.swim_rank,
-                "run_sweeps": self.run_sweeps,
-                "batch_sweep": list(self.batch_sweep), "ranks_sweep": list(self.ranks_sweep),
-                "dispatch_gbps": self.dispatch_link.bandwidth_gbps,
-                "dispatch_latency_us": self.dispatch_link.latency_us,
-                "combine_gbps": self.combine_link.bandwidth_gbps,
-                "combine_latency_us": self.combine_link.latency_us,
-                "messages": self.messages}
+        r = self.scale.run
+        return {"scale_preset": r.model.name, "scale_ranks": r.ranks,
+                "scale_batch": r.batch, "scale_seq": r.seq,
+                "skew_sweep": list(self.skew_sweep), "eplb_per_rank": self.eplb_per_rank,
+                "ranks_sweep": list(self.ranks_sweep),
+                "tokens_sweep": list(self.tokens_sweep)}
 
 
 def _int_list(name: str, value: Any, ok: Callable[[int], bool], allowed: str
@@ -236,45 +226,34 @@ def _int_list(name: str, value: Any, ok: Callable[[int], bool], allowed: str
     return tuple(sorted(int(v) for v in value))
 
 
-def _link(prefix: str, gbps: Any, latency_us: Any, default: Any) -> Any:
-    link = default
-    if gbps is not None:
-        link = replace(link, bandwidth_gbps=validate_factor(f"{prefix}_gbps", gbps),
-                       source="parameter")
-    if latency_us is not None:
-        if (isinstance(latency_us, bool) or not isinstance(latency_us, (int, float))
-                or not latency_us >= 0 or latency_us == float("inf")):
-            raise ParameterError(f"{prefix}_latency_us", latency_us,
-                                 "None (published default) or a finite number >= 0")
-        link = replace(link, latency_us=float(latency_us), source="parameter")
-    return link
-
-
-def validate_latency_options(*, ranks: int, n_experts: int, swim_stage: str,
-                             swim_rank: int, run_sweeps: bool, batch_sweep: Any,
-                             ranks_sweep: Any, dispatch_gbps: Any = None,
-                             dispatch_latency_us: Any = None, combine_gbps: Any = None,
-                             combine_latency_us: Any = None, messages: str = "peer"
-                             ) -> LatencyOptions:
+def validate_latency_options(*, scale_preset: str, scale_ranks: int, scale_batch: int,
+                             scale_seq: int, routing: str, seed: int,
+                             figures_dir: str | Path, skew_sweep: Any, eplb_per_rank: Any,
+                             ranks_sweep: Any, tokens_sweep: Any) -> LatencyOptions:
     """Check notebook 04's own parameters (after `validate_params`); a ParameterError
-    names the parameter, its value and the allowed values. `n_experts`: routed experts of
-    the SIM runs' preset (ranks_sweep must divide it). Link overrides left None keep
-    `comm`'s defaults (hardware figures; overheads fitted on DeepEP-Ascend EP8)."""
-    from .comm import COMBINE_LINK, DISPATCH_LINK
-    if swim_stage not in EP_STEP_STAGES:
-        raise ParameterError("swim_stage", swim_stage, f"one of {list(EP_STEP_STAGES)}")
-    if not is_int(swim_rank) or not 0 <= swim_rank < ranks:
-        raise ParameterError("swim_rank", swim_rank, f"an integer in [0, {ranks})")
-    run_sweeps = validate_flag("run_sweeps", run_sweeps)
-    b = _int_list("batch_sweep", batch_sweep, lambda v: v > 0, "positive integers")
-    divisors = [r for r in range(1, n_experts + 1) if n_experts % r == 0]
+    names the parameter, its value and the allowed values. The scale_* parameters are
+    checked like validate_params' (named with the prefix); ranks_sweep must divide the
+    scale preset's experts, tokens_sweep be multiples of scale_seq."""
+    scale = validate_side_run("scale_", preset=scale_preset, ranks=scale_ranks,
+                              batch=scale_batch, seq=scale_seq, routing=routing, seed=seed,
+                              figures_dir=figures_dir)
+    if (not isinstance(skew_sweep, (list, tuple)) or not skew_sweep
+            or not all(_is_num(v) and v >= 0 for v in skew_sweep)
+            or len(set(skew_sweep)) != len(skew_sweep)):
+        raise ParameterError("skew_sweep", skew_sweep,
+                             "a non-empty list of distinct finite numbers >= 0")
+    e, r = scale.model.n_routed_experts, scale.run.ranks
+    most = e * (r - 1) // r
+    if not is_int(eplb_per_rank) or not 1 <= eplb_per_rank <= most:
+        raise ParameterError("eplb_per_rank", eplb_per_rank,
+                             f"an integer in [1, {most}] (redundant expert slots per rank)"
+                             if most else "none: EPLB needs scale_ranks >= 2")
+    divisors = [d for d in range(1, e + 1) if e % d == 0]
     rk = _int_list("ranks_sweep", ranks_sweep, lambda v: v in divisors,
-                   f"divisors of n_routed_experts ({n_experts}): {divisors}")
-    if messages not in MESSAGE_MODES:
-        raise ParameterError("messages", messages, f"one of {list(MESSAGE_MODES)}")
-    return LatencyOptions(
-        swim_stage=swim_stage, swim_rank=swim_rank, run_sweeps=run_sweeps,
-        batch_sweep=b, ranks_sweep=rk,
-        dispatch_link=_link("dispatch", dispatch_gbps, dispatch_latency_us, DISPATCH_LINK),
-        combine_link=_link("combine", combine_gbps, combine_latency_us, COMBINE_LINK),
-        messages=messages)
+                   f"divisors of n_routed_experts ({e}) of scale_preset: {divisors}")
+    seq = scale.run.seq
+    tk = _int_list("tokens_sweep", tokens_sweep,
+                   lambda v: 0 < v <= MAX_TOKENS_PER_RANK and v % seq == 0,
+                   f"multiples of scale_seq ({seq}) up to {MAX_TOKENS_PER_RANK}")
+    return LatencyOptions(scale=scale, skew_sweep=tuple(sorted(float(v) for v in skew_sweep)),
+                          eplb_per_rank=int(eplb_per_rank), ranks_sweep=rk, tokens_sweep=tk)

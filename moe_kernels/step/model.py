@@ -208,10 +208,11 @@ def ep_step(run: RunConfig, skew: float = 0.0, seed: int = 0,
     rt_ = step_routing(run, skew, seed, cap, eplb_slots)
     shape_us, fallbacks = timing.shape_stage_us(run, EP_STEP_STAGES, seed)
     n_slots = rt_.slot_experts.shape[1]
-    fit = None if direct_routed else timing.fit_routed(
-        n_slots, cap, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
-    comm = ep_step_comm(rt_.placed.sum(-1), cfg.hidden_size, n_slots).per_rank_us()
     recv = rt_.placed.sum(0)                                    # [R(dst), S]
+    fit = None if direct_routed else timing.fit_routed(
+        n_slots, cap, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit,
+        max_rows=int(recv.max()))
+    comm = ep_step_comm(rt_.placed.sum(-1), cfg.hidden_size, n_slots).per_rank_us()
     ranks = []
     for r in range(run.ranks):
         routed = timing.routed_time(recv[r].tolist(), run, cap, fit, direct=direct_routed)

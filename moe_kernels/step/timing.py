@@ -109,14 +109,22 @@ class RoutedFit:
         return self.base_us + sum(self.g(m) for m in active) if active else 0.0
 
 
-def fit_routed(n_local: int, capacity: int, hidden: int, intermediate: int, limit: float
-               ) -> RoutedFit | None:
+def fit_routed(n_local: int, capacity: int, hidden: int, intermediate: int, limit: float,
+               max_rows: int | None = None) -> RoutedFit | None:
     """The RoutedFit at these sizes from cached/measured fit kernels; None when NL is too
-    small for two distinct fit sizes (then every rank is simulated directly)."""
+    small for two distinct fit sizes (then every rank is simulated directly). max_rows
+    (the most rows any local expert received): levels stop at the first 16·2^j >= it, so
+    a large capacity (R·T) does not cost fit kernels at rows no expert holds."""
     n1, n2 = (min(n, n_local) for n in FIT_EXPERTS)
     if n1 == n2:
         return None
-    levels = row_levels(capacity)
+    top = capacity
+    if max_rows is not None:
+        m = ffn.ROUTED_ROW_QUANTUM
+        while m < max_rows:
+            m *= 2
+        top = min(capacity, m)
+    levels = row_levels(top)
 
     def sim(n: int, m: int) -> float:
         rows = [m] * n + [0] * (n_local - n)
