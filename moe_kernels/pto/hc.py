@@ -36,6 +36,39 @@ COEF_ROW = 8
 MIX_CUBE_M, MIX_CUBE_K, MIX_CUBE_N, MIX_CUBE_K1 = 48, 256, 16, 4096
 #: Merge scope of the Sinkhorn chain: its own task, so x_mixed runs beside it.
 SINKHORN_SCOPE = 2
+#: pre / post logits per group of PRE_TOKEN_GROUP tokens, each group its own merge scope
+#: (PRE_SCOPE + g): 4 tasks that each resolve only their 8 x_mixed successors (the single
+#: logits task resolved 32 one after another, ~0.21 us each): 49.0 -> 45.7 us at demo R=2
+#: (with the comb logits moved into the Sinkhorn task and its 2-D divisions).
+PRE_SCOPE = 10
+PRE_TOKEN_GROUP = 32
+
+
+def _logit_rows(pypto, mm_hl, r_row, scale_col, base_col, row0: int, n: int, mix: int,
+                t: int):
+    """Traced in hc_pre: logits rows [row0, row0 + n) = r·(hi·x + lo·x)·s + b, [n, T]."""
+    mm = pypto.add(pypto.view(mm_hl, [n, t], [row0, 0]),                   # hi·x + lo·x
+                   pypto.view(mm_hl, [n, t], [mix + row0, 0]))
+    return pypto.add(pypto.mul(pypto.mul(r_row, mm), pypto.view(scale_col, [n, 1], [row0, 0])),
+                     pypto.view(base_col, [n, 1], [row0, 0]))
+
+
+def _sinkhorn_norm(pypto, c, axis: int, hc: int, t: int, eps: float):
+    """Traced in hc_pre: c / (sum(c, axis) + eps) on C[i, j, t]. The sum stays 3-D; +eps
+    and the division run on 2-D views of the same UB tiles (free reshapes): the model
+    prices a [4, 4, 128] division at 262 cycles, the same floats as [16, 128] at 114."""
+    pypto.set_vec_tile_shapes(hc, hc, t)
+    s = pypto.sum(c, axis, keepdim=True)
+    shp = [hc, 1, t] if axis == 1 else [1, hc, t]
+    pypto.set_vec_tile_shapes(hc, t)
+    s2 = pypto.add(pypto.reshape(s, [hc, t], inplace=True), eps)
+    pypto.set_vec_tile_shapes(hc, hc, t)
+    den = pypto.expand_clone(pypto.reshape(s2, shp, inplace=True), [hc, hc, t])
+    pypto.set_vec_tile_shapes(hc * hc, t)
+    q = pypto.div(pypto.reshape(c, [hc * hc, t], inplace=True),
+                  pypto.reshape(den, [hc * hc, t], inplace=True))
+    pypto.set_vec_tile_shapes(hc, hc, t)
+    return pypto.reshape(q, [hc, hc, t], inplace=True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -51,6 +84,9 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
     kt1 = divisor_tile("hc*hidden", hd, MIX_CUBE_K1)
     nt = min(MIX_CUBE_N, -(-t // 16) * 16)  # cube N tiles must be 16-aligned
     mm_m = min(MIX_CUBE_M, 2 * mix)
+    logit_rows, norm = _logit_rows, _sinkhorn_norm
+    tgp = divisor_tile("tokens", t, PRE_TOKEN_GROUP)
+    gp = t // tgp
 
     @pypto.frontend.jit(**rt.jit_options())
     def hc_pre_k(x: pypto.Tensor((t, hd), pypto.DT_BF16),
@@ -59,7 +95,8 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
                  base_col: pypto.Tensor((mix, 1), pypto.DT_FP32),
                  x_mixed: pypto.Tensor((t, d), pypto.DT_BF16),
                  post_t: pypto.Tensor((hc, t), pypto.DT_FP32),
-                 comb_t: pypto.Tensor((hc, hc, t), pypto.DT_FP32)):
+                 comb_t: pypto.Tensor((hc, hc, t), pypto.DT_FP32),
+                 pre_all: pypto.Tensor((t, hc), pypto.DT_FP32)):
         """r = rsqrt(mean(X²)+eps); logits = r·(X fn^T)·s + b; pre/post = σ; comb = sinkhorn;
         x_mixed = bf16(Σ_h pre_h · x_h). Logits are kept token-minor ([mix, T]) so every
         reduction runs over a 32-byte aligned last axis (pypto needs that; hc = 4 FP32 is 16 B)."""
@@ -74,15 +111,23 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
             ssq = part if ssq is None else pypto.add(ssq, part)
         r = pypto.rsqrt(pypto.add(pypto.div(ssq, float(hd)), rms_eps))
         mm_hl = pypto.matmul(fn_hl, x, pypto.DT_FP32, b_trans=True)   # [2·mix, T]
-        pypto.set_vec_tile_shapes(mix, t)
-        mm_t = pypto.add(pypto.view(mm_hl, [mix, t], [0, 0]),              # hi·x + lo·x
-                         pypto.view(mm_hl, [mix, t], [mix, 0]))
         # Reshapes are inplace (views of the same storage): a copying reshape ran as 128
         # tiny serial tasks in the model (kernel 94.0 -> 78.3 us).
         r_row = pypto.reshape(r, [1, t], inplace=True)
-        logits = pypto.add(pypto.mul(pypto.mul(r_row, mm_t), scale_col), base_col)
-        pre = pypto.add(pypto.sigmoid(pypto.view(logits, [hc, t], [0, 0])), hc_eps)
-        post_t[:] = pypto.mul(pypto.sigmoid(pypto.view(logits, [hc, t], [hc, 0])), 2.0)
+        # pre / post per token group, each its own task: the x_mixed tasks of a group wait
+        # for (and are resolved by) that group's task only
+        pypto.set_vec_tile_shapes(2 * hc, tgp)
+        pre_tm = None
+        for g in range(gp):
+            pypto.set_pass_options(sg_set_scope=PRE_SCOPE + g)
+            lg_g = logit_rows(pypto, pypto.view(mm_hl, [2 * mix, tgp], [0, g * tgp]),
+                              pypto.view(r_row, [1, tgp], [0, g * tgp]), scale_col, base_col,
+                              0, 2 * hc, mix, tgp)
+            pre_g = pypto.add(pypto.sigmoid(pypto.view(lg_g, [hc, tgp], [0, 0])), hc_eps)
+            pypto.assemble(pypto.mul(pypto.sigmoid(pypto.view(lg_g, [hc, tgp], [hc, 0])), 2.0),
+                           [0, g * tgp], post_t)
+            pypto.assemble(pypto.transpose(pre_g, 0, 1), [g * tgp, 0], pre_all)
+        pypto.set_pass_options(sg_set_scope=-1)
         # x_mixed: FP32 accumulation over streams h = 0..hc-1 in order.
         pypto.set_vec_tile_shapes(xt, ct)
         # (x is read as BF16 and cast here: no FP32 copy of x goes through GM.)
@@ -95,7 +140,7 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
         # sum: 57.1 / 109.7 us; split-K written out as 4 matmuls + in-order adds: the adds
         # stay their own phase, 48.7 us, not kept (same time, pypto's own reduction kept);
         # XMIX_TOKEN_TILE 16: 50.7 us, 64: compile error.)
-        pre_tm = pypto.transpose(pre, 0, 1)                                   # [T, hc]
+        pre_tm = pre_all
         acc = pypto.mul(pypto.view(pre_tm, [t, 1], [0, 0]),
                         pypto.cast(pypto.view(x, [t, d], [0, 0]), pypto.DT_FP32))
         for h in range(1, hc):
@@ -106,14 +151,14 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
         pypto.set_pass_options(sg_set_scope=SINKHORN_SCOPE)
         # Sinkhorn on C[i, j, t]: row softmax over j + eps, column norm over i,
         # then (iters - 1) x (row, column) normalisations, each / (sum + eps).
+        pypto.set_vec_tile_shapes(hc * hc, t)
+        lc = logit_rows(pypto, mm_hl, r_row, scale_col, base_col, 2 * hc, hc * hc, mix, t)
         pypto.set_vec_tile_shapes(hc, hc, t)
-        lg = pypto.reshape(pypto.view(logits, [hc * hc, t], [2 * hc, 0]), [hc, hc, t],
-                           inplace=True)
-        c = pypto.add(pypto.softmax(lg, 1), hc_eps)
-        c = pypto.div(c, pypto.add(pypto.sum(c, 0, keepdim=True), hc_eps))
+        c = pypto.add(pypto.softmax(pypto.reshape(lc, [hc, hc, t], inplace=True), 1), hc_eps)
+        c = norm(pypto, c, 0, hc, t, hc_eps)
         for _ in range(iters - 1):
-            c = pypto.div(c, pypto.add(pypto.sum(c, 1, keepdim=True), hc_eps))
-            c = pypto.div(c, pypto.add(pypto.sum(c, 0, keepdim=True), hc_eps))
+            c = norm(pypto, c, 1, hc, t, hc_eps)
+            c = norm(pypto, c, 0, hc, t, hc_eps)
         comb_t[:] = c
         pypto.set_pass_options(sg_set_scope=-1)
 
@@ -147,7 +192,8 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
     lat = rt.launch(k, x_hc.reshape(t, hc * d).contiguous(), fn_hl,
                     scale_vec.reshape(mix, 1).contiguous(),
                     hc_base.to(torch.float32).reshape(mix, 1).contiguous(),
-                    x_mixed, post_t, comb_t, name="hc_pre")
+                    x_mixed, post_t, comb_t, torch.empty(t, hc, dtype=torch.float32),
+                    name="hc_pre")
     # Token-minor kernel layout back to the reference's [B,S,hc(,hc)] (a host permute of
     # T·20 floats).
     post = post_t.t().contiguous().reshape(b, s, hc)
