@@ -19,7 +19,7 @@ from moe_kernels.config import RunConfig, get_preset
 from moe_kernels.ep import CapacityError, run_ep_layer
 from moe_kernels.ep.dist import DistTimeoutError
 from moe_kernels.ep.faults import FaultyBackends
-from moe_kernels.ep.procs import TMP_PREFIX, SpawnedWorld
+from moe_kernels.ep.procs import SpawnedWorld
 from moe_kernels.fixtures import make_inputs, make_weights
 from moe_kernels.layer import reference_layer
 
@@ -105,7 +105,7 @@ def test_rank_that_never_arrives_times_out_and_leaves_no_process(weights) -> Non
     inputs = make_inputs(run)
     w = SpawnedWorld(2, timeout=timeout)
     with w:
-        pids = w.pids
+        pids, world_tmp = w.pids, w.tmpdir
         t0 = time.monotonic()
         with pytest.raises(DistTimeoutError, match=r"timeout 3 s.*rank 0.*ranks \[1\] never"):
             run_ep_layer(run, inputs, weights, transport=w,
@@ -115,7 +115,7 @@ def test_rank_that_never_arrives_times_out_and_leaves_no_process(weights) -> Non
     assert not any(alive(p) for p in pids)
     own = multiprocessing.current_process()._config.get("tempdir")  # removed at our exit
     assert not {str(p) for p in set(tmp.glob("pymp-*")) - before} - {own}
-    assert not [p for p in tmp.glob(f"{TMP_PREFIX}{os.getpid()}-*")]
+    assert world_tmp and not Path(world_tmp).exists()
 
 
 @pytest.mark.parametrize("ranks", [1, 8])

@@ -201,6 +201,11 @@ class SpawnedWorld:
         """Process ids of the children (for leak checks)."""
         return [p.pid for p in self.procs]
 
+    @property
+    def tmpdir(self) -> str | None:
+        """The world's private temp folder (removed by `close`)."""
+        return self._tmpdir
+
     def __enter__(self) -> SpawnedWorld:
         self.start()
         return self
