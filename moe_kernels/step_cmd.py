@@ -70,9 +70,10 @@ def format_step(d: dict[str, Any]) -> str:
     routed = [r["stages_us"]["expert_routed"] for r in d["ranks"]]
     spread = max(routed) / min(routed) if min(routed) > 0 else float("inf")
     cfg = d["config"]
+    how = "/".join(sorted({r["expert_routed_method"] for r in d["ranks"]}))
     lines.append(f"stages: SIM, pypto cost model (910B / A2A3), no interpreter; "
-                 f"expert_routed {d['ranks'][0]['expert_routed_method']} per rank "
-                 f"(max/min {spread:.2f}x). comm: communication MODEL (analysis.comm).")
+                 f"expert_routed per rank: {how} (max/min {spread:.2f}x). "
+                 f"comm: communication MODEL (analysis.comm).")
     lines.append(f"capacity {cfg['capacity']} rows/expert, routes dropped "
                  f"{cfg['routes_dropped']} of {cfg['routes_total']}; overlap "
                  f"{cfg['overlap']}; eplb slots {cfg['eplb_slots']}")
