@@ -38,7 +38,7 @@ MIX_CUBE_M, MIX_CUBE_K, MIX_CUBE_N, MIX_CUBE_K1 = 48, 256, 16, 4096
 SINKHORN_SCOPE = 2
 #: pre / post logits per group of PRE_TOKEN_GROUP tokens, each group its own merge scope
 #: (PRE_SCOPE + g): 4 tasks that each resolve only their 8 x_mixed successors (the single
-#: logits task resolved 32 one after another, ~0.21 us each): 49.0 -> 45.7 us at demo R=2
+#: logits task resolved 32 one after another, ~0.21 us each): 49.0 -> 45.9 us at demo R=2
 #: (with the comb logits moved into the Sinkhorn task and its 2-D divisions).
 PRE_SCOPE = 10
 PRE_TOKEN_GROUP = 32
@@ -51,6 +51,11 @@ def _logit_rows(pypto, mm_hl, r_row, scale_col, base_col, row0: int, n: int, mix
                    pypto.view(mm_hl, [n, t], [mix + row0, 0]))
     return pypto.add(pypto.mul(pypto.mul(r_row, mm), pypto.view(scale_col, [n, 1], [row0, 0])),
                      pypto.view(base_col, [n, 1], [row0, 0]))
+
+
+def _join_rows(pypto, parts: list):
+    """Traced in hc_pre: the token groups' [tokens, hc] pre tiles as one [T, hc] tensor."""
+    return parts[0] if len(parts) == 1 else pypto.concat(parts, 0)
 
 
 def _sinkhorn_norm(pypto, c, axis: int, hc: int, t: int, eps: float):
@@ -84,7 +89,7 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
     kt1 = divisor_tile("hc*hidden", hd, MIX_CUBE_K1)
     nt = min(MIX_CUBE_N, -(-t // 16) * 16)  # cube N tiles must be 16-aligned
     mm_m = min(MIX_CUBE_M, 2 * mix)
-    logit_rows, norm = _logit_rows, _sinkhorn_norm
+    logit_rows, norm, join = _logit_rows, _sinkhorn_norm, _join_rows
     tgp = divisor_tile("tokens", t, PRE_TOKEN_GROUP)
     gp = t // tgp
 
@@ -95,8 +100,7 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
                  base_col: pypto.Tensor((mix, 1), pypto.DT_FP32),
                  x_mixed: pypto.Tensor((t, d), pypto.DT_BF16),
                  post_t: pypto.Tensor((hc, t), pypto.DT_FP32),
-                 comb_t: pypto.Tensor((hc, hc, t), pypto.DT_FP32),
-                 pre_all: pypto.Tensor((t, hc), pypto.DT_FP32)):
+                 comb_t: pypto.Tensor((hc, hc, t), pypto.DT_FP32)):
         """r = rsqrt(mean(X²)+eps); logits = r·(X fn^T)·s + b; pre/post = σ; comb = sinkhorn;
         x_mixed = bf16(Σ_h pre_h · x_h). Logits are kept token-minor ([mix, T]) so every
         reduction runs over a 32-byte aligned last axis (pypto needs that; hc = 4 FP32 is 16 B)."""
@@ -117,7 +121,7 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
         # pre / post per token group, each its own task: the x_mixed tasks of a group wait
         # for (and are resolved by) that group's task only
         pypto.set_vec_tile_shapes(2 * hc, tgp)
-        pre_tm = None
+        pre_parts = []
         for g in range(gp):
             pypto.set_pass_options(sg_set_scope=PRE_SCOPE + g)
             lg_g = logit_rows(pypto, pypto.view(mm_hl, [2 * mix, tgp], [0, g * tgp]),
@@ -126,7 +130,7 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
             pre_g = pypto.add(pypto.sigmoid(pypto.view(lg_g, [hc, tgp], [0, 0])), hc_eps)
             pypto.assemble(pypto.mul(pypto.sigmoid(pypto.view(lg_g, [hc, tgp], [hc, 0])), 2.0),
                            [0, g * tgp], post_t)
-            pypto.assemble(pypto.transpose(pre_g, 0, 1), [g * tgp, 0], pre_all)
+            pre_parts.append(pypto.transpose(pre_g, 0, 1))
         pypto.set_pass_options(sg_set_scope=-1)
         # x_mixed: FP32 accumulation over streams h = 0..hc-1 in order.
         pypto.set_vec_tile_shapes(xt, ct)
@@ -140,7 +144,7 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
         # sum: 57.1 / 109.7 us; split-K written out as 4 matmuls + in-order adds: the adds
         # stay their own phase, 48.7 us, not kept (same time, pypto's own reduction kept);
         # XMIX_TOKEN_TILE 16: 50.7 us, 64: compile error.)
-        pre_tm = pre_all
+        pre_tm = join(pypto, pre_parts)
         acc = pypto.mul(pypto.view(pre_tm, [t, 1], [0, 0]),
                         pypto.cast(pypto.view(x, [t, d], [0, 0]), pypto.DT_FP32))
         for h in range(1, hc):
@@ -192,8 +196,7 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
     lat = rt.launch(k, x_hc.reshape(t, hc * d).contiguous(), fn_hl,
                     scale_vec.reshape(mix, 1).contiguous(),
                     hc_base.to(torch.float32).reshape(mix, 1).contiguous(),
-                    x_mixed, post_t, comb_t, torch.empty(t, hc, dtype=torch.float32),
-                    name="hc_pre")
+                    x_mixed, post_t, comb_t, name="hc_pre")
     # Token-minor kernel layout back to the reference's [B,S,hc(,hc)] (a host permute of
     # T·20 floats).
     post = post_t.t().contiguous().reshape(b, s, hc)
