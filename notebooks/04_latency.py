@@ -257,7 +257,7 @@ fig = lp.plot_step_vs_published(vs_pub, title)
 display(out.show(fig, "04_step_vs_published.png", title,
                  source=f"sim: stages; model: exchange (hatched); published: "
                         f"{vs_pub.published.source}",
-                 shape=vs_pub.shape))
+                 shape=f"{vs_pub.shape}; published: EP8, batch not stated"))
 
 # %%
 display(Markdown(ss.step_findings(steps["seed"], steps["scale"], skew_home, skew_eplb,
