@@ -245,6 +245,11 @@ def path_dict(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def path_current(path: Mapping[str, Any] | None) -> bool:
+    """True when `path` is a `path_dict` of this PATH_VERSION (priced by explain_entry)."""
+    return path is not None and path.get("v") == PATH_VERSION
+
+
 def explain_entry(path: Mapping[str, Any] | None, hbm_us: float, cube_us: float,
                   vec_us: float) -> Explanation:
     """The Explanation of a stage from its path counts (a `path_dict`, or None / another
@@ -252,7 +257,7 @@ def explain_entry(path: Mapping[str, Any] | None, hbm_us: float, cube_us: float,
     fixed-cost calibration."""
     from .calibrate import fixed_costs
     counts = None
-    if path is not None and path.get("v") == PATH_VERSION:
+    if path_current(path):
         counts = PathCounts(**{k: v for k, v in path.items() if k != "v"}
                             | {"links": tuple(path["links"])})
     return explain(counts, fixed_costs(), hbm_us, cube_us, vec_us)
