@@ -1,4 +1,4 @@
-"""Bitwise comparison helpers shared by the EP tests."""
+"""Bitwise comparison helpers shared by the EP and kernel tests."""
 import torch
 
 from moe_kernels.layer import STAGE_KEYS
@@ -25,3 +25,17 @@ def assert_same_result(a, b, layouts: bool = False) -> None:
         for k in la:
             assert torch.equal(la[k], lb[k]), k
         assert torch.equal(a.dropped, b.dropped)
+
+
+def assert_gate_matches(out, ref) -> None:
+    """The pypto gate against the reference: RMSNorm -> BF16, Q8 and the routing indices
+    exact (no ties in these inputs); weights within a few FP32 ulp (the kernel's softplus
+    tail is FP32, the reference's FP64)."""
+    for name in ref._fields:
+        assert getattr(out, name).dtype == getattr(ref, name).dtype, name
+        assert getattr(out, name).shape == getattr(ref, name).shape, name
+    assert torch.equal(out.x_norm, ref.x_norm)
+    assert torch.equal(out.x_norm_i8, ref.x_norm_i8)
+    assert torch.equal(out.x_norm_scale, ref.x_norm_scale)
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.weights, ref.weights, rtol=1e-6, atol=1e-6)

@@ -10,7 +10,9 @@ JSON in the cache folder keyed by pypto version and the kernel shapes.
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from . import runtime as rt
 
@@ -144,14 +146,16 @@ def measure() -> Calibration:
         clock_mhz=copy.clock_mhz, key=_key())
 
 
-@functools.lru_cache(maxsize=4)
-def _cached(path: str, key: str) -> Calibration:
+def _load_or_measure(path: str, key: str, cls: type, measure: Callable[[], Any]) -> Any:
+    """`cls(**json)` from `path` if its key matches, else `measure()` written there
+    atomically; under the cache folder's lock, so concurrent processes measure once."""
     with rt._file_lock(rt.cache_dir() / "calibration.lock"):
         if os.path.exists(path):
             try:
-                d = json.loads(open(path).read())
+                with open(path) as fh:
+                    d = json.load(fh)
                 if d.get("key") == key:
-                    return Calibration(**d)
+                    return cls(**d)
             except (OSError, ValueError, TypeError):
                 pass
         cal = measure()
@@ -160,6 +164,11 @@ def _cached(path: str, key: str) -> Calibration:
             json.dump(cal.to_dict(), fh, indent=2)
         os.replace(tmp, path)
         return cal
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(path: str, key: str) -> Calibration:
+    return _load_or_measure(path, key, Calibration, measure)
 
 
 @dataclass(frozen=True)
@@ -212,20 +221,7 @@ def measure_vector() -> VectorCalibration:
 
 @functools.lru_cache(maxsize=4)
 def _cached_vector(path: str, key: str) -> VectorCalibration:
-    with rt._file_lock(rt.cache_dir() / "calibration.lock"):
-        if os.path.exists(path):
-            try:
-                d = json.loads(open(path).read())
-                if d.get("key") == key:
-                    return VectorCalibration(**d)
-            except (OSError, ValueError, TypeError):
-                pass
-        cal = measure_vector()
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(cal.to_dict(), fh, indent=2)
-        os.replace(tmp, path)
-        return cal
+    return _load_or_measure(path, key, VectorCalibration, measure_vector)
 
 
 def vector_calibration() -> VectorCalibration:
@@ -391,20 +387,7 @@ def measure_fixed() -> FixedCosts:
 
 @functools.lru_cache(maxsize=4)
 def _cached_fixed(path: str, key: str) -> FixedCosts:
-    with rt._file_lock(rt.cache_dir() / "calibration.lock"):
-        if os.path.exists(path):
-            try:
-                d = json.loads(open(path).read())
-                if d.get("key") == key:
-                    return FixedCosts(**d)
-            except (OSError, ValueError, TypeError):
-                pass
-        cal = measure_fixed()
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(cal.to_dict(), fh, indent=2)
-        os.replace(tmp, path)
-        return cal
+    return _load_or_measure(path, key, FixedCosts, measure_fixed)
 
 
 def fixed_costs() -> FixedCosts:
