@@ -190,7 +190,7 @@ def test_derivation_error_flash_from_cache(monkeypatch):
     and GiBs: moe_kernels/data holds them for the current kernel source)."""
     def not_cached(*args, **kwargs):
         raise LookupError("not cached")
-    monkeypatch.setattr(ffn, "expert_routed_latency", not_cached)
+    monkeypatch.setattr(timing, "_measure_isolated", not_cached)
     run = RunConfig(get_preset("flash"), batch=16, seq=2, ranks=8, routing="hash")
     cap = model.capacity_for(run, None)
     vecs = [[16] * run.n_local]

@@ -22,6 +22,9 @@ regime) are simulated directly (small kernels, seconds).
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +43,9 @@ DIRECT_MAX_ACTIVE = 4
 #: every rank is then simulated directly (small shapes, where the kernel is not yet
 #: bandwidth-bound and the time is not additive over experts).
 FIT_TOLERANCE = 0.05
+#: Routed kernels streaming more INT8 weight bytes than this are simulated in a child
+#: process (see `_measure_isolated`): 10 flash experts (25 MB each).
+ISOLATE_WEIGHT_BYTES = 256 * 2 ** 20
 
 
 def _routed_shape(rows: Sequence[int], capacity: int, hidden: int, intermediate: int,
@@ -54,15 +60,40 @@ def routed_sim_us(rows: Sequence[int], capacity: int, hidden: int, intermediate:
     `ffn.routed_rows`), measured directly without the interpreter; 0 when no rows."""
     if not any(rows):
         return 0.0, True
-
-    def measure() -> dict[str, Any]:
-        lat = ffn.expert_routed_latency(tuple(rows), capacity, hidden, intermediate, limit)
-        return {"aicore_us": lat.aicore_us, "n_tasks": lat.n_tasks,
-                "utilization": lat.utilization}
-    key = cache.make_key("expert_routed",
-                         _routed_shape(rows, capacity, hidden, intermediate, limit))
-    entry, hit = cache.cached(key, measure)
+    args = (tuple(int(r) for r in rows), int(capacity), int(hidden), int(intermediate),
+            float(limit))
+    key = cache.make_key("expert_routed", _routed_shape(*args))
+    entry, hit = cache.cached(key, lambda: _measure_isolated(args))
     return float(entry["aicore_us"]), hit
+
+
+def _measure_routed(rows: tuple[int, ...], capacity: int, hidden: int, intermediate: int,
+                    limit: float) -> dict[str, Any]:
+    lat = ffn.expert_routed_latency(rows, capacity, hidden, intermediate, limit)
+    return {"aicore_us": lat.aicore_us, "n_tasks": lat.n_tasks,
+            "utilization": lat.utilization}
+
+
+def _measure_isolated(args: tuple) -> dict[str, Any]:
+    """_measure_routed, in a child interpreter when the kernel streams more than
+    ISOLATE_WEIGHT_BYTES: pypto 0.2.0 keeps GiBs per large compile (a 32-expert flash
+    kernel: 5-9 GiB peak, and a process's RSS grows with every such call), so a step that
+    simulates several ranks directly would exhaust a 24 GiB machine. (subprocess, not
+    multiprocessing: a notebook's or stdin's __main__ cannot be re-imported.)"""
+    rows, _, hidden, intermediate, _ = args
+    weights = sum(1 for m in rows if m) * 3 * hidden * intermediate
+    if weights <= ISOLATE_WEIGHT_BYTES:
+        return _measure_routed(*args)
+    code = ("import json, sys; from moe_kernels.step.timing import _measure_routed; "
+            "a = json.loads(sys.argv[1]); a[0] = tuple(a[0]); "
+            "print('MOE_STEP_RESULT ' + json.dumps(_measure_routed(*a)))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))],
+                          capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("MOE_STEP_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"expert_routed SIM child failed (rc {proc.returncode}): {tail}")
 
 
 def row_levels(capacity: int) -> tuple[int, ...]:
