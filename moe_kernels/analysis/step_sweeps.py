@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import RunConfig
-from ..step.model import StepResult, ep_step
+from ..pto.ffn import ROUTED_ROW_QUANTUM
+from ..step.model import StepResult, capacity_for, ep_step, step_routing
 from .comm import FIT_EP, ComparisonRow, held_out_max_error
 from .narrative import HEADING
 from .published import PublishedFigure, published_figures
@@ -28,6 +29,7 @@ COMM_KEYS: tuple[str, ...] = ("count", "dispatch", "combine")
 PUBLISHED_STEP = "EP8 core time per rank"
 
 StepFn = Callable[..., StepResult]
+FactorFn = Callable[[RunConfig, int], "float | None"]
 
 
 @dataclass(frozen=True)
@@ -99,21 +101,41 @@ def skew_sweep(run: RunConfig, skews: Sequence[float], seed: int = 0,
             for s in skews]
 
 
+def tight_factor(run: RunConfig, seed: int = 0) -> float:
+    """The capacity_factor whose receive capacity is the busiest expert's rows (skew 0)
+    rounded up to the 16-row quantum: no route is dropped, and the receive windows the
+    SIM kernels are specialised to stay small (at R·T rows a flash kernel's simulation
+    needs tens of GiB at R = 2 or T = 512)."""
+    placed = step_routing(run, 0.0, seed, capacity_for(run, None)).placed.sum(0)
+    q = ROUTED_ROW_QUANTUM
+    cap = min(run.ranks * run.tokens, -(-int(placed.max()) // q) * q)
+    mean = run.tokens * run.model.num_experts_per_tok / run.n_local
+    return (cap - 0.5) / mean      # capacity_for: ceil(factor · mean) = cap
+
+
+def _swept(run: RunConfig, x: float, seed: int, step: StepFn, factor: FactorFn
+           ) -> StepPoint:
+    return step_point(step(run, seed=seed, capacity_factor=factor(run, seed)), x)
+
+
 def ranks_sweep(run: RunConfig, ranks: Sequence[int], seed: int = 0,
-                step: StepFn = ep_step) -> list[StepPoint]:
-    """The step at every rank count, tokens per rank fixed (NL = E / R)."""
-    return [step_point(step(replace(run, ranks=int(r), recv_capacity=None), seed=seed), r)
+                step: StepFn = ep_step, factor: FactorFn = tight_factor) -> list[StepPoint]:
+    """The step at every rank count, tokens per rank fixed (NL = E / R); capacity from
+    `factor` (default: the busiest expert's rows, see tight_factor)."""
+    return [_swept(replace(run, ranks=int(r), recv_capacity=None), r, seed, step, factor)
             for r in ranks]
 
 
 def tokens_sweep(run: RunConfig, tokens: Sequence[int], seed: int = 0,
-                 step: StepFn = ep_step) -> list[StepPoint]:
-    """The step at every T tokens per rank (batch = T / seq, ranks fixed)."""
+                 step: StepFn = ep_step, factor: FactorFn = tight_factor
+                 ) -> list[StepPoint]:
+    """The step at every T tokens per rank (batch = T / seq, ranks fixed); capacity as in
+    ranks_sweep."""
     bad = [t for t in tokens if t % run.seq]
     if bad:
         raise ValueError(f"tokens per rank must be multiples of seq={run.seq}, got {bad}")
-    return [step_point(step(replace(run, batch=int(t) // run.seq, recv_capacity=None),
-                            seed=seed), t) for t in tokens]
+    return [_swept(replace(run, batch=int(t) // run.seq, recv_capacity=None), t, seed, step,
+                   factor) for t in tokens]
 
 
 # --------------------------------------------------------------------------- published

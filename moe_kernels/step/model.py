@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -94,11 +95,18 @@ def _physical_indices(indices: torch.Tensor, placement: torch.Tensor, n_experts:
     return out
 
 
+@lru_cache(maxsize=8)
+def _gate_routes(run: RunConfig, seed: int) -> torch.Tensor:
+    """The gate's [R,T,K] routes of `run` (cached: sweeps route one run many times; at
+    flash the reference hc_pre + gate take seconds; callers never modify it)."""
+    return route_tokens(run, seed).indices(run.routing)
+
+
 def step_routing(run: RunConfig, skew: float, seed: int, capacity: int,
                  eplb_slots: int | None = None) -> StepRouting:
     """Route every rank's tokens (gate + synthetic skew, optional EPLB) and lay them out."""
     e, nl = run.model.n_routed_experts, run.n_local
-    base = route_tokens(run, seed).indices(run.routing)
+    base = _gate_routes(run, seed)
     indices = skew_routing(base, e, skew, seed)
     if eplb_slots:
         plan = eplb_whatif(expert_load(indices, e).to(torch.float64), run.ranks, eplb_slots)
