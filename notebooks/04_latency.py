@@ -65,13 +65,12 @@ ranks_sweep = [2, 4, 8, 16]  # ranks of the ranks sweep (T per rank fixed)
 tokens_sweep = [8, 32, 128, 512]  # tokens per rank of the tokens sweep (multiples of seq)
 
 # %%
-p = validate_params(preset=preset, ranks=ranks, batch=batch, seq=seq, routing=routing,
-                    seed=seed, figures_dir=figures_dir)
 opt = validate_latency_options(
     scale_preset=scale_preset, scale_ranks=scale_ranks, scale_batch=scale_batch,
-    scale_seq=scale_seq, routing=routing, seed=seed, figures_dir=figures_dir,
-    skew_sweep=skew_sweep, eplb_per_rank=eplb_per_rank, ranks_sweep=ranks_sweep,
-    tokens_sweep=tokens_sweep)
+    scale_seq=scale_seq, routing=routing, seed=seed, skew_sweep=skew_sweep,
+    eplb_per_rank=eplb_per_rank, ranks_sweep=ranks_sweep, tokens_sweep=tokens_sweep)
+p = validate_params(preset=preset, ranks=ranks, batch=batch, seq=seq, routing=routing,
+                    seed=seed, figures_dir=figures_dir)      # creates figures_dir, last
 run, srun = p.run, opt.scale.run
 for name, r_ in (("seed's step", run), ("step at scale", srun)):
     print(f"{name}: preset {r_.model.name}, D={r_.model.hidden_size}, "

@@ -160,7 +160,7 @@ def test_latency_figures_are_deterministic(tiny):
 
 def _opts(**kw):
     base = dict(scale_preset="tiny", scale_ranks=4, scale_batch=2, scale_seq=2,
-                routing="hash", seed=0, figures_dir="/tmp/x", skew_sweep=[2, 0],
+                routing="hash", seed=0, skew_sweep=[2, 0],
                 eplb_per_rank=1, ranks_sweep=[8, 2], tokens_sweep=[8, 4])
     return validate_latency_options(**{**base, **kw})
 

@@ -227,16 +227,18 @@ def _int_list(name: str, value: Any, ok: Callable[[int], bool], allowed: str
 
 
 def validate_latency_options(*, scale_preset: str, scale_ranks: int, scale_batch: int,
-                             scale_seq: int, routing: str, seed: int,
-                             figures_dir: str | Path, skew_sweep: Any, eplb_per_rank: Any,
-                             ranks_sweep: Any, tokens_sweep: Any) -> LatencyOptions:
-    """Check notebook 04's own parameters (after `validate_params`); a ParameterError
-    names the parameter, its value and the allowed values. The scale_* parameters are
-    checked like validate_params' (named with the prefix); ranks_sweep must divide the
-    scale preset's experts, tokens_sweep be multiples of scale_seq."""
+                             scale_seq: int, routing: str, seed: int, skew_sweep: Any,
+                             eplb_per_rank: Any, ranks_sweep: Any, tokens_sweep: Any
+                             ) -> LatencyOptions:
+    """Check notebook 04's own parameters (before `validate_params`, which creates the
+    figures folder last); a ParameterError names the parameter, its value and the allowed
+    values. The scale_* parameters are checked like validate_params' (named with the
+    prefix; the scale run writes no figures of its own, so its figures_dir is the
+    repository root, which exists); ranks_sweep must divide the scale preset's experts,
+    tokens_sweep be multiples of scale_seq."""
     scale = validate_side_run("scale_", preset=scale_preset, ranks=scale_ranks,
                               batch=scale_batch, seq=scale_seq, routing=routing, seed=seed,
-                              figures_dir=figures_dir)
+                              figures_dir=REPO_ROOT)
     if (not isinstance(skew_sweep, (list, tuple)) or not skew_sweep
             or not all(_is_num(v) and v >= 0 for v in skew_sweep)
             or len(set(skew_sweep)) != len(skew_sweep)):
