@@ -164,8 +164,9 @@ fig = lp.plot_skew_sweep({"home placement": skew_home,
                           f"EPLB, {opt.eplb_per_rank} redundant slot(s) per rank":
                               skew_eplb}, title)
 display(out.show(fig, "04_step_vs_skew.png", title, source=STEP_SOURCE + "; serial",
-                 shape=shape_label(srun.model.name, srun.ranks, srun.tokens, "R·T",
-                                   skew=f"{hot.x:g} max")))
+                 shape=shape_label(srun.model.name, srun.ranks, srun.tokens,
+                                   f"{srun.ranks * srun.tokens} (R·T)",
+                                   skew=f"{cold.x:g}-{hot.x:g}")))
 
 # %% [markdown]
 # ## 3. Ranks and tokens per rank
