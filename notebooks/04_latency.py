@@ -93,8 +93,6 @@ from moe_kernels.analysis.comm import published_comparison
 from moe_kernels.analysis.manifest import FigureWriter
 from moe_kernels.analysis.published import DEEPEP_ASCEND_LL_SHAPE
 from moe_kernels.analysis.style import shape_label
-from moe_kernels.pto.report import format_stage_table, stage_report
-from moe_kernels.stages import StageShape
 from moe_kernels.step.model import ep_step
 from moe_kernels.step_cmd import format_step
 
@@ -204,25 +202,27 @@ display(out.show(fig, "04_step_vs_tokens.png", title, source=STEP_SOURCE + "; se
 # %% [markdown]
 # ## 4. Stages against their bounds
 #
-# `stage_report` puts each stage kernel's SIM time at the seed's shape beside two
-# rooflines, `max(bytes / HBM bandwidth, FLOPs / peak)` at the limits the cost model was
-# calibrated to sustain and at pypto's nominal `A2A3.ini` limits. Here `expert_routed`
-# gets the *mean* rows per expert (a balanced layout); the ratio says how far each
-# kernel is from its bound (`python -m moe_kernels stages` prints the same table).
+# Each stage of the step at scale, on its busiest rank (the longest `expert_routed`),
+# beside its roofline `max(bytes / HBM bandwidth, FLOPs / peak)` at pypto's nominal
+# `A2A3.ini` limits, from the stage cost formulas at the rows that rank's experts
+# received. The ratio says how far each kernel is from its bound. `python -m moe_kernels
+# stages` prints the same comparison per stage with the limits calibrated in the
+# simulator and the fixed costs per task and DMA that explain the gap.
 
 # %%
-records = stage_report(run, seed)
-print(format_stage_table(records))
-worst = max(records, key=lambda r_: r_.ratio)
-title = (f"SIM time against the roofline per stage: {worst.stage} is furthest from its "
-         f"bound (x{worst.ratio:.1f})")
-fig = lp.plot_roofline(records, title)
+bounds = ss.stage_bounds(steps["scale"][0], srun)
+for b_ in bounds:
+    print(f"{b_.stage:<15} SIM {b_.sim_us:8.1f} us   roofline {b_.roofline_us:8.1f} us   "
+          f"x{b_.ratio:.2f}")
+far = max(bounds, key=lambda b_: b_.ratio)
+routed = next(b_ for b_ in bounds if b_.stage == "expert_routed")
+title = (f"SIM time against the roofline per stage: expert_routed at x{routed.ratio:.1f}, "
+         f"{far.stage} furthest (x{far.ratio:.1f})")
+fig = lp.plot_stage_bounds(bounds, title)
 display(out.show(fig, "04_stages_vs_bounds.png", title,
-                 source="sim: stage kernels at the mean rows per expert; rooflines from "
-                        "the stage cost formulas",
-                 shape=shape_label(run.model.name, run.ranks, run.tokens,
-                                   rows=f"{StageShape.from_run(run).expert_rows[0]}/expert "
-                                        f"(mean)")))
+                 source="sim: stage kernels of the busiest rank; model: rooflines from the "
+                        "stage cost formulas at A2A3.ini limits",
+                 shape=ss.step_shape(steps["scale"][0])))
 
 # %% [markdown]
 # ## 5. Beside the published figures, like for like

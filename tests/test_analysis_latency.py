@@ -75,7 +75,9 @@ def fake_step(run, skew=0.0, seed=0, eplb_slots=None, overlap=False, **_):
     for r in range(r_):
         rows = int(t * run.model.num_experts_per_tok * (1 + s * r / r_))
         stages = {n: (float(rows) if n == "expert_routed" else 1.0) for n in EP_STEP_STAGES}
-        ranks.append(RankStep(rank=r, rows_received=rows, expert_rows=[rows], dropped=0,
+        q, rem = divmod(rows, run.n_local)
+        split = [q + (i < rem) for i in range(run.n_local)]
+        ranks.append(RankStep(rank=r, rows_received=rows, expert_rows=split, dropped=0,
                               stages_us=stages, comm_us={"count": 1.0, "dispatch": 2.0 * r_,
                                                          "combine": float(t)}))
     _schedule(ranks, overlap)
@@ -101,6 +103,15 @@ def test_step_point_splits_the_slowest_rank(tiny):
     assert 0 < p.comm_share < 1 and p.dropped == 0
     assert ss.step_shape(res) == "tiny · R=4 · T=4/rank · C=16"
     assert ss.step_shape(res, skew=1) == "tiny · R=4 · T=4/rank · C=16 · skew=1"
+
+
+def test_stage_bounds_use_the_busiest_rank(tiny):
+    res = fake_step(tiny, skew=1.0)
+    bounds = ss.stage_bounds(res, tiny)
+    assert [b.stage for b in bounds] == list(EP_STEP_STAGES)
+    routed = next(b for b in bounds if b.stage == "expert_routed")
+    assert routed.sim_us == max(r.stages_us["expert_routed"] for r in res.ranks)
+    assert all(b.roofline_us > 0 and b.ratio == b.sim_us / b.roofline_us for b in bounds)
 
 
 def test_idle_gaps_are_the_barrier_waits(tiny):
@@ -144,11 +155,10 @@ def test_step_vs_published_and_findings(tiny):
 def test_latency_figures_are_deterministic(tiny):
     steps = (fake_step(tiny, skew=1.0), fake_step(tiny, skew=1.0, overlap=True))
     pts = ss.skew_sweep(tiny, [0.0, 1.0, 2.0], step=fake_step)
-    rec = type("R", (), dict(stage="gate", sim_us=5.0, roofline_us=1.0,
-                             config_roofline_us=0.5, ratio=5.0))()
     figs = [lp.plot_step_gantt({"serial": steps[0], "overlapped": steps[1]}, "gantt"),
             lp.plot_skew_sweep({"home": pts, "eplb": pts}, "skew"),
-            lp.plot_step_sweep(pts, "sweep", xlabel="x"), lp.plot_roofline([rec], "roof"),
+            lp.plot_step_sweep(pts, "sweep", xlabel="x"),
+            lp.plot_stage_bounds(ss.stage_bounds(steps[0], tiny), "bounds"),
             lp.plot_comm_vs_published(published_comparison(), "comm"),
             lp.plot_step_vs_published(ss.step_vs_published(*steps), "pub")]
     for fig in figs:

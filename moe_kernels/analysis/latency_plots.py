@@ -15,7 +15,7 @@ from matplotlib.patches import Patch
 from ..step.model import StepResult
 from .comm import ComparisonRow
 from .plots import new_figure
-from .step_sweeps import COMM_KEYS, StepPoint, StepVsPublished, idle_gaps
+from .step_sweeps import COMM_KEYS, StageBound, StepPoint, StepVsPublished, idle_gaps
 from .style import colour, legend_outside, stage_colour
 
 #: Hatch pattern that marks modelled (not simulated) time.
@@ -157,27 +157,23 @@ def plot_skew_sweep(series: Mapping[str, Sequence[StepPoint]], title: str) -> Fi
     return fig
 
 
-def plot_roofline(records: Sequence, title: str) -> Figure:
-    """Grouped bars per stage: SIM latency, calibrated roofline, configured (A2A3.ini)
-    roofline, log scale; SIM / calibrated ratio printed above each group. `records` are
-    `pto.report.StageRecord`s."""
+def plot_stage_bounds(bounds: Sequence[StageBound], title: str) -> Figure:
+    """Per stage: SIM time beside its roofline (log scale), SIM / roofline above each."""
     fig, (ax,) = new_figure(9.0, 4.6)
-    names = [r.stage for r in records]
-    series = {"SIM latency": [r.sim_us for r in records],
-              "roofline, calibrated limits": [r.roofline_us for r in records],
-              "roofline, A2A3.ini limits": [r.config_roofline_us for r in records]}
-    w = 0.8 / len(series)
-    for i, (label, vals) in enumerate(series.items()):
-        xs = [j - 0.4 + w * (i + 0.5) for j in range(len(names))]
-        ax.bar(xs, [max(v, 1e-3) for v in vals], width=w, color=colour((4, 1, 2)[i]),
-               label=label)
+    names = [b.stage for b in bounds]
+    w = 0.4
+    for i, (label, vals) in enumerate((("SIM time", [b.sim_us for b in bounds]),
+                                       ("roofline at A2A3.ini limits",
+                                        [b.roofline_us for b in bounds]))):
+        ax.bar([j - w / 2 + i * w for j in range(len(names))], [max(v, 1e-3) for v in vals],
+               width=w, color=COMPUTE_COLOUR if i == 0 else colour(1), label=label)
     ax.set_yscale("log")
-    for j, r in enumerate(records):
-        ax.annotate(f"x{r.ratio:.1f}", (j, max(r.sim_us, r.roofline_us)), ha="center",
+    for j, b in enumerate(bounds):
+        ax.annotate(f"x{b.ratio:.1f}", (j, max(b.sim_us, b.roofline_us)), ha="center",
                     va="bottom", fontsize=9)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set(title=title, ylabel="latency (us, log scale)", xlabel="stage")
-    ax.plot([], [], " ", label="xN: SIM / calibrated roofline")
+    ax.set(title=title, ylabel="time (us, log scale)", xlabel="stage")
+    ax.plot([], [], " ", label="xN: SIM / roofline")
     legend_outside(ax)
     return fig
 

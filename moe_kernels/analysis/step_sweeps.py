@@ -17,6 +17,8 @@ from typing import Any
 
 from ..config import RunConfig
 from ..pto.ffn import ROUTED_ROW_QUANTUM
+from ..pto.report import configured_limits, roofline_us
+from ..stages import EP_STEP_STAGES, StageShape, stage_cost
 from ..step.model import StepResult, capacity_for, ep_step, step_routing
 from .comm import FIT_EP, ComparisonRow, held_out_max_error
 from .narrative import HEADING
@@ -91,6 +93,35 @@ def idle_gaps(timeline: Sequence[tuple[str, float, float]]) -> list[tuple[float,
             gaps.append((t, a))
         t = max(t, b)
     return gaps
+
+
+@dataclass(frozen=True)
+class StageBound:
+    """One stage of a step: its SIM time beside its roofline max(bytes / HBM, FLOPs / peak)
+    at pypto's configured A2A3.ini limits (stage cost formulas; no calibration run)."""
+
+    stage: str
+    sim_us: float
+    roofline_us: float
+
+    @property
+    def ratio(self) -> float:
+        """SIM time over the roofline."""
+        return self.sim_us / self.roofline_us if self.roofline_us else float("inf")
+
+
+def stage_bounds(res: StepResult, run: RunConfig) -> list[StageBound]:
+    """Every stage of the step's busiest rank (the longest expert_routed) against its
+    roofline, the cost formulas taken at the rows that rank's experts received."""
+    rk = max(res.ranks, key=lambda r: r.stages_us["expert_routed"])
+    shape = StageShape.from_run(run, expert_rows=tuple(rk.expert_rows))
+    lim = configured_limits()
+    out = []
+    for s in EP_STEP_STAGES:
+        c = stage_cost(s, shape)
+        out.append(StageBound(s, rk.stages_us[s],
+                              roofline_us(c.hbm_bytes, c.int8_ops, c.fp_flops, lim)))
+    return out
 
 
 # --------------------------------------------------------------------------- sweeps
