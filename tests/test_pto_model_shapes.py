@@ -48,7 +48,8 @@ def test_gate_at_model_width(preset, routing):
 #: pypto broken for later tests): a matmul whose cube B tile (N 512 x K1 1024 BF16 = 1 MiB)
 #: exceeds the 512 KiB L1. Graph building accepts it; pypto's OoOSchedule pass rejects it
 #: ("Run pass failed"), the failure the gate had at flash width (3E = 768 rows in one tile).
-#: Then hc_post must compile, run and match its reference, twice.
+#: Then hc_post must compile, run and match its reference; four times, because a stale
+#: pointer left by the failure bit only when the allocator reused its address.
 RECOVERY_SCRIPT = """
 import torch
 from moe_kernels.pto import hc, runtime as rt
@@ -56,6 +57,7 @@ from moe_kernels.reference import hc_post as ref_hp
 pypto = rt.ensure_ready()
 from pypto._controller import Controller
 M, N, KD = 16, 512, 1024
+ATTEMPTS = 4
 
 @pypto.frontend.jit(**rt.jit_options())
 def l1_overflow(a: pypto.Tensor((M, KD), pypto.DT_BF16), b: pypto.Tensor((N, KD), pypto.DT_BF16),
@@ -68,7 +70,7 @@ g = torch.Generator().manual_seed(0)
 case = (torch.randn(8, 1, 256, generator=g).to(torch.bfloat16),
         torch.randn(8, 1, 4, 256, generator=g).to(torch.bfloat16),
         torch.rand(8, 1, 4, generator=g), torch.rand(8, 1, 4, 4, generator=g))
-for attempt in range(2):  # twice: the compile thread is restarted after every failure
+for attempt in range(ATTEMPTS):  # the compile thread is restarted after every failure
     try:
         rt.launch(l1_overflow, torch.zeros(M, KD, dtype=torch.bfloat16),
                   torch.zeros(N, KD, dtype=torch.bfloat16), torch.zeros(M, N))
@@ -97,4 +99,4 @@ def test_failed_compile_leaves_pypto_usable(tmp_path):
         pytest.fail(f"the kernel after a failed compile hung (no result in {exc.timeout} s)")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     done = [ln for ln in res.stdout.splitlines() if ln.startswith("recovered")]
-    assert done == ["recovered 0", "recovered 1"], res.stdout[-2000:]
+    assert done == [f"recovered {i}" for i in range(4)], res.stdout[-2000:]

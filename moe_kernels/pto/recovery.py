@@ -11,7 +11,13 @@ A failed compile leaves two things half-open (read in hicann/pypto r0.2.0):
   (compileThreadCount_ = 1) ends, the thread object stays in compileThreads_ so it is
   never restarted, and the next kernel's compile waits forever in WaitTaskFinish.
 
-`reset_after_failed_kernel()` closes the Python function and calls
+* C++ again: `Program::currentDynamicFunctionPtr_` (interface/program/program.h) keeps
+  pointing at the failed, destroyed function. `SetCurrentDynamicFunction` asserts the new
+  function differs from it, so when the allocator hands the next kernel's function the
+  same address (about one run in six here), that kernel fails with "Under: X X".
+
+`reset_after_failed_kernel()` closes the Python function, clears that stale pointer, and
+calls
 HostMachine::DestroyThread (joins the finished thread and the idle agent thread; the next
 SubTask starts fresh ones through InitThread) and ClearStashFuncQueue (drops any function
 of the failed kernel still queued for compilation). Neither entry point is bound in
@@ -28,6 +34,9 @@ from pathlib import Path
 _GET_MACHINE = "_ZN3npu8tile_fwk11HostMachine11GetInstanceEv"
 _MACHINE_RESETS = ("_ZN3npu8tile_fwk11HostMachine13DestroyThreadEv",
                    "_ZN3npu8tile_fwk11HostMachine19ClearStashFuncQueueEv")
+#: Program::GetInstance() and Program::SetCurrentDynamicFunction(Function*).
+_GET_PROGRAM = "_ZN3npu8tile_fwk7Program11GetInstanceEv"
+_SET_DYNAMIC = "_ZN3npu8tile_fwk7Program25SetCurrentDynamicFunctionEPNS0_8FunctionE"
 
 
 def _interface_lib() -> ctypes.CDLL:
@@ -52,3 +61,20 @@ def reset_after_failed_kernel() -> None:
         fn = getattr(lib, sym)
         fn.argtypes, fn.restype = [ctypes.c_void_p], None
         fn(machine)
+    _clear_dynamic_function(lib)
+
+
+def _clear_dynamic_function(lib: ctypes.CDLL) -> None:
+    """Program's current dynamic function <- nullptr. The setter asserts old != new, and
+    its getter is not exported, so go through a sentinel address no Function can have:
+    current -> sentinel (differs from any function or null) -> nullptr (differs from the
+    sentinel). The sentinel is never dereferenced (the assert message is built only when
+    the assert fails)."""
+    get_program = getattr(lib, _GET_PROGRAM)
+    get_program.restype = ctypes.c_void_p
+    program = get_program()
+    set_dynamic = getattr(lib, _SET_DYNAMIC)
+    set_dynamic.argtypes, set_dynamic.restype = [ctypes.c_void_p, ctypes.c_void_p], None
+    sentinel = ctypes.create_string_buffer(16)
+    set_dynamic(program, ctypes.addressof(sentinel))
+    set_dynamic(program, None)
