@@ -18,40 +18,23 @@ from .gate import quantize_rows_q8
 from .runtime import LatencyRecord
 from .tiling import divisor_tile
 
-#: Cube tiles for the INT8 matmuls [M, K] x [N, K]^T (decode: M is small, weights dominate).
-#: K: 256 deep in L0 (16·256 B activations, 256·128 B = 32 KiB of weights in L0B of 64 KiB),
-#: 1024 deep in L1 (128 KiB of weights per L1 fill, L1 is 512 KiB) so each core streams
-#: long contiguous weight rows. N: 128 output channels per tile (demo: the model groups
-#: them into 16 tasks for w1+w3; N 64 / 32 and split-K were measured slower).
+# Tuning constants; what was measured for each is in docs/kernel-tuning.md.
+#: INT8 matmul cube tiles [M, K] x [N, K]^T: K 256 in L0 and 1024 per L1 fill (long
+#: contiguous weight rows per core), 128 output channels per tile.
 FFN_CUBE_K0, FFN_CUBE_K1, FFN_CUBE_N = 256, 1024, 128
 #: Max rows per cube M tile (16-aligned; decode batches are 32-256 rows per matmul).
 FFN_CUBE_M = 128
-#: Vector tiles on [rows, I] FP32: 4 rows x 4096 = 64 KiB per live tile (g, u, h, ...): a
-#: whole demo row, so the Q8 amax needs no partial maxima; 4 rows -> 32 row groups.
-#: Measured at demo (expert_shared, T=128): 16x512 138 us, 4x1024 126, 4x4096 108,
-#: 2x4096 132; 8x4096 does not fit UB (compile error).
+#: Vector tiles on [rows, I] FP32: 4 rows x a whole 4096 row (64 KiB), so the Q8 amax
+#: needs no partial maxima; 8 rows do not fit the unified buffer.
 ROW_TILE, COL_TILE = 4, 4096
-#: N tile of the shared expert's w2 matmul: each cube task reloads the whole [T, I] INT8
-#: activation (512 KiB at demo) next to its weight panel, so wider panels move fewer bytes:
-#: 256 -> 16 tasks of 18 us instead of 32 of 13.8 us in two waves on 24 cube cores
-#: (expert_shared 107.9 -> 98.1 us; N 64 / 32 were slower: 156 / 221 us). The cube is
-#: compute-bound per task in the model, so the best N fills all 24 cube cores in one wave:
-#: 192 -> 22 tasks of 15.9 us (21 full + one 64-wide tail): 98.1 -> 95.4 us. (N 176, the
-#: 24-task fit, fails to compile: FC4001; 192 is the next 32-aligned width.)
+#: N tile of the shared expert's w2 matmul: the widest 32-aligned panel whose tasks fill
+#: the 24 cube cores in one wave (each task reloads the whole activation).
 SHARED_W2_N = 192
-#: N tile of the shared expert's w1/w3 matmuls (the routed experts keep FFN_CUBE_N): the
-#: model pairs tiles that share the activation (L1 reuse) into ~22 tasks either way; at 128
-#: that is 3 tiles (29.2 us) per task, at 192 2 tiles (28.2 us): 95.4 -> 93.8 us. (224: 17
-#: tasks of 30.0 us, 94.5; cube_nbuffer_setting {-1: 1} changed nothing; a merge scope
-#: around the SwiGLU/Q8 vector ops fails to compile (FFFFFF), and the Q8's FP16 -> INT8
-#: cast stays its own 1.35 us task even with a direct INT32 -> INT8 cast: 96.5 us.)
+#: N tile of the shared expert's w1/w3 matmuls: two tiles per task that share the
+#: activation in L1.
 SHARED_W13_N = 192
-#: Row tile of the shared expert's SwiGLU/Q8 vector phase (the w2 dequant keeps ROW_TILE):
-#: at 4 rows the model split the Q8's FP16 -> INT8 cast into its own phase (32 tasks of
-#: 1.35 us plus a dependency gap, the FP16 h written to GM and read back); at 2 rows it
-#: stays in the SwiGLU task: 64 tasks of 5.6 us in one phase, 93.8 -> 92.1 us. (2 rows for
-#: the whole kernel: the w1/w3 tasks regrouped to 13 x 42 us, 112.8; 2 rows with 2 tiles
-#: per vector task (vec_nbuffer_setting): the w1/w3 tasks split to 44 x 15.9 us, 93.5.)
+#: Row tile of the shared expert's SwiGLU/Q8 phase: at 2 rows the Q8's final cast stays
+#: in the SwiGLU task instead of becoming its own phase.
 SHARED_H_ROW_TILE = 2
 
 

@@ -11,35 +11,24 @@ from . import runtime as rt
 from .runtime import LatencyRecord
 from .tiling import divisor_tile
 
-#: Tokens per vector tile: 4 rows x 1024 FP32 = 16 KiB; norm, Q8 and casts keep ~5 such
-#: tiles live, within the 192 KiB UB; 4 rows -> T/4 = 32 row groups at decode T = 128.
+# Tuning constants; what was measured for each is in docs/kernel-tuning.md.
+#: Tokens per vector tile: 4 rows keep ~5 live FP32 tiles within the 192 KiB UB.
 TOKEN_TILE = 4
-#: Columns per vector tile over D: a whole demo row (4 x 4096 FP32 = 64 KiB), so the RMS
-#: and Q8 reductions need no partial sums (1024 -> 37.8 us, 4096 -> 31.5 us at demo R=2).
+#: Columns per vector tile over D: a whole demo row, so RMS and Q8 need no partial sums.
 COL_TILE = 4096
-#: Cube tiles of z = xg @ gate_w^T, [T, D] x [D, E] FP32: M 16, K 512 in L0 (the
-#: reference's K-chunk) and up to 2048 per L1 fill with split-K (GM accumulation); K1 must
-#: be a multiple of K0 (pypto FC4000), so D = 7168 (pro) takes 1024. Split-K: at demo E is
-#: tiny, so K chunks are the parallelism (without it: 8 tasks of 16 us). K1 2048 (2 chunks,
-#: 16 tasks): 28.4 -> 22.7 us at demo R=2 vs 1024 (4 chunks: 32 tasks, two waves).
+#: Cube tiles of z = xg @ gate_w^T: M 16, K 512 in L0, up to 2048 per L1 fill (K1 must be
+#: a multiple of K0: pypto FC4000), split-K when E is small.
 GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 16, 512, 2048
-#: Cube N tile (16-aligned) over the 3E stacked weight rows, at most 64: one N x K0 BF16
-#: tile is 64 KiB (all of L0B) and (M + N) x K1 BF16 is 320 KiB of the 512 KiB L1. The
-#: whole 3E in one tile (768 at flash) needed 3 MiB of L1: "Run pass failed" (OoOSchedule).
+#: Cube N tile over the 3E stacked weight rows, at most 64 (one N x K0 BF16 tile fills
+#: L0B; the whole 3E in one tile overflowed L1 at flash: "Run pass failed").
 GATE_CUBE_N = 64
-#: Cube cores of the 910B model (A2A3.ini cube_core_cnt): when 3E spans several N tiles
-#: (flash, pro), M x N tiles are the parallelism and split-K is off: its partials are
-#: reduced by one vector load per (N tile, K chunk) pair, ~1 us each (flash R=8, T=32:
-#: 54.9 -> 33.7 us); M grows in steps of 16 until M x N tiles fit one wave (pro T=32:
-#: M 32, 18 tasks: 77.5 -> 64.2 us), at most to M_MAX: (48 + 64) x 2048 BF16 = 448 KiB
-#: of L1 (64 would fill it) and 48 x 512 BF16 = 48 KiB of the 64 KiB L0A.
+#: Cube cores of the 910B model; with several N tiles, M grows by 16 (to M_MAX, the L1
+#: limit) until the M x N tiles fit one wave, and split-K is off.
 GATE_CUBE_CORES, GATE_CUBE_M_MAX = 24, 48
 #: gate_w (FP32) enters the cube as 3 stacked BF16 pieces (hi, mid, lo; see split_bf16):
-#: with x_norm in BF16 the products are exact and the sum matches an FP32 matmul to
-#: ~2^-26, and the FP32 copy of x_norm (2 MB at demo) is neither written nor read.
+#: exact products, FP32-accurate sum, no FP32 copy of x_norm.
 GATE_W_SPLIT = 3
-#: Token rows per vector tile of the score / routing tail ([T, E] and [T, K], tiny): 16
-#: rows (one task per cube M tile): 31.7 -> 28.4 us vs 4 rows (per-op overhead, not data).
+#: Token rows per vector tile of the small score / routing tail: one task per cube M tile.
 SCORE_TOKEN_TILE = 16
 
 

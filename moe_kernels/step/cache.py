@@ -43,9 +43,10 @@ KERNEL_MODULES: dict[str, tuple[str, ...]] = {
 
 
 def source_hash(modules: Iterable[str], root: Path | None = None) -> str:
-    """sha256 (hex, 16 chars) over the source of moe_kernels.pto modules (or of
-    `root`/<module>.py), in order; "module:function" hashes only that top-level function
-    (ffn uses one helper of gate.py, whose other kernels change independently)."""
+    """sha256 (hex, 16 chars) over the code of moe_kernels.pto modules (or of
+    `root`/<module>.py), in order, comments and docstrings left out; "module:function"
+    hashes only that top-level function (ffn uses one helper of gate.py, whose other
+    kernels change independently)."""
     h = hashlib.sha256()
     pto_dir = root if root is not None else Path(rt.__file__).resolve().parent
     for m in modules:
@@ -53,8 +54,21 @@ def source_hash(modules: Iterable[str], root: Path | None = None) -> str:
         text = (pto_dir / f"{mod}.py").read_text()
         if fn:
             text = _function_source(text, fn, m)
-        h.update(m.encode() + b"\0" + text.encode() + b"\0")
+        h.update(m.encode() + b"\0" + _code_only(text).encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def _code_only(text: str) -> str:
+    """The code of `text` without comments or docstrings (its AST dump), so editing a
+    constant's explanation does not invalidate the timings its value produced."""
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def _function_source(text: str, fn: str, what: str) -> str:
