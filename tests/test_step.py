@@ -138,6 +138,18 @@ def test_source_hash_follows_kernel_source(tmp_path):
         cache.KERNEL_MODULES["hc_pre"])
 
 
+def test_source_hash_ignores_comments_and_docstrings(tmp_path):
+    """Explaining a constant keeps its timings; changing code (even a string) does not."""
+    k = tmp_path / "k.py"
+    k.write_text('"""module doc"""\n#: why\nA = 1\n\ndef f():\n    """doc"""\n    return "x"\n')
+    h1 = cache.source_hash(["k"], root=tmp_path)
+    k.write_text('"""other doc"""\n#: a longer why\n#: on two lines\nA = 1  # still 1\n\n'
+                 'def f():\n    """changed"""\n    return "x"\n')
+    assert cache.source_hash(["k"], root=tmp_path) == h1
+    k.write_text('"""other doc"""\nA = 1\n\ndef f():\n    return "y"\n')
+    assert cache.source_hash(["k"], root=tmp_path) != h1
+
+
 def test_committed_cache_sample_recomputes(tmp_path, monkeypatch):
     """A sample of the committed entries (the cheap, tiny ones) re-measured equals the
     file: the SIM cost model is deterministic, and the key says what was measured."""
