@@ -13,6 +13,8 @@ import hashlib
 import html
 from pathlib import Path
 
+from .paths import REPO_ROOT
+
 #: Sub-folder of the figures folder that holds the HTML pages.
 HTML_DIRNAME = "notebooks"
 #: Upper bound of all pages together (bytes); `html_total_bytes` reports the sum.
@@ -52,6 +54,32 @@ def link_figures(nb: object, index: dict[str, str], prefix: str = "../") -> int:
     return replaced
 
 
+def make_reproducible(nb: object, repo_root: Path) -> None:
+    """Make the page depend only on what the run computed, in place: adjacent stream
+    outputs merged (how the kernel chunked stdout is timing), papermill's injected cell
+    given a fixed id (papermill draws a random one), and the checkout's absolute path
+    written as "<repo>" (so every clone renders the same page)."""
+    root = str(repo_root)
+    for cell in nb.cells:  # type: ignore[attr-defined]
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["id"] = "injected-parameters"
+        if cell.get("cell_type") == "code":
+            cell["source"] = cell["source"].replace(root, "<repo>")
+        merged: list = []
+        for out in cell.get("outputs", []):
+            if out.get("text") is not None:
+                out["text"] = out["text"].replace(root, "<repo>")
+            prev = merged[-1] if merged else None
+            if (prev is not None and out.get("output_type") == "stream"
+                    and prev.get("output_type") == "stream"
+                    and prev.get("name") == out.get("name")):
+                prev["text"] += out["text"]
+                continue
+            merged.append(out)
+        if "outputs" in cell:
+            cell["outputs"] = merged
+
+
 def export_html(executed: str | Path, figures_dir: str | Path) -> Path:
     """Write figures_dir/notebooks/<name>.html from the executed notebook `executed`,
     linking (not embedding) the figures it saved; returns the page's path."""
@@ -61,6 +89,7 @@ def export_html(executed: str | Path, figures_dir: str | Path) -> Path:
     nb = nbformat.read(str(executed), as_version=4)
     nb = copy.deepcopy(nb)
     link_figures(nb, figure_index(fdir))
+    make_reproducible(nb, REPO_ROOT)
     body, _ = HTMLExporter(template_name=HTML_TEMPLATE).from_notebook_node(nb)
     out = fdir / HTML_DIRNAME / f"{Path(executed).stem}.html"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The notebooks: papermill execution with tiny parameters, first-cell parameter errors,
 jupytext pairs in sync and output-free, and the batch runner (run_all / sweep)."""
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -129,6 +130,30 @@ def test_html_links_saved_figures_instead_of_embedding(tmp_path):
     assert link_figures(nb, figure_index(tmp_path)) == 1
     assert nb.cells[0].outputs[0]["data"]["text/html"].startswith('<img src="../01_a.png"')
     assert "image/png" in nb.cells[0].outputs[1]["data"]
+
+
+def test_html_page_does_not_depend_on_stream_chunks_cell_ids_or_checkout_path(tmp_path):
+    from moe_kernels.notebook_html import make_reproducible
+
+    def page(chunks, cell_id, root):
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell(f'figures_dir = "{root}/figures"')
+        params["metadata"]["tags"] = ["injected-parameters"]
+        params["id"] = cell_id
+        outs = [nbformat.v4.new_output("stream", name="stdout", text=t) for t in chunks]
+        outs.append(nbformat.v4.new_output("stream", name="stderr", text="warn\n"))
+        body = nbformat.v4.new_code_cell("print()", outputs=outs)
+        body["id"] = "body"   # the notebook's own cells keep their stored ids
+        nb.cells = [params, body]
+        make_reproducible(nb, Path(root))
+        return nb
+
+    a = page(["figures -> /a/figures\n", "x\n"], "3b9aec33", "/a")
+    b = page(["figures -> /b/figures\nx\n"], "ad6a9550", "/b")
+    assert a == b
+    assert a.cells[0]["id"] == "injected-parameters"
+    assert a.cells[0]["source"] == 'figures_dir = "<repo>/figures"'
+    assert [o["name"] for o in a.cells[1].outputs] == ["stdout", "stderr"]   # kept apart
 
 
 def test_run_all_prunes_figures_a_notebook_no_longer_writes(tmp_path):
