@@ -11,6 +11,7 @@ import base64
 import copy
 import hashlib
 import html
+import re
 from pathlib import Path
 
 from .paths import REPO_ROOT
@@ -21,6 +22,20 @@ HTML_DIRNAME = "notebooks"
 HTML_BUDGET_BYTES = 5 * 1024 * 1024
 #: nbconvert template: "classic" carries far less CSS than "lab" and reads the same.
 HTML_TEMPLATE = "classic"
+#: The template's stylesheet, written once beside the pages and linked from each (the
+#: template would embed the same ~13,000 lines of CSS in every page).
+CSS_NAME = "notebook.css"
+_STYLE = re.compile(r'<style type="text/css">(.*?)</style>\n?', re.S)
+
+
+def share_css(page: str) -> tuple[str, str]:
+    """(page with its <head> style blocks replaced by one link to CSS_NAME, their CSS)."""
+    head_end = page.index("</head>")
+    head, rest = page[:head_end], page[head_end:]
+    css = "\n".join(m.group(1).strip("\n") for m in _STYLE.finditer(head)) + "\n"
+    head = _STYLE.sub("", head)
+    link = f'<link rel="stylesheet" href="{CSS_NAME}"/>\n'
+    return head + link + rest, css
 
 
 def _digest(data: bytes) -> str:
@@ -91,12 +106,15 @@ def export_html(executed: str | Path, figures_dir: str | Path) -> Path:
     link_figures(nb, figure_index(fdir))
     make_reproducible(nb, REPO_ROOT)
     body, _ = HTMLExporter(template_name=HTML_TEMPLATE).from_notebook_node(nb)
+    body, css = share_css(body)
     out = fdir / HTML_DIRNAME / f"{Path(executed).stem}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(body, encoding="utf-8")
+    (out.parent / CSS_NAME).write_text(css, encoding="utf-8")   # the same for every page
     return out
 
 
 def html_total_bytes(figures_dir: str | Path) -> int:
-    """Bytes of all HTML pages under figures_dir/notebooks."""
-    return sum(p.stat().st_size for p in (Path(figures_dir) / HTML_DIRNAME).glob("*.html"))
+    """Bytes of all HTML pages (and their shared stylesheet) under figures_dir/notebooks."""
+    d = Path(figures_dir) / HTML_DIRNAME
+    return sum(p.stat().st_size for p in [*d.glob("*.html"), *d.glob(CSS_NAME)])

@@ -156,6 +156,23 @@ def test_html_page_does_not_depend_on_stream_chunks_cell_ids_or_checkout_path(tm
     assert [o["name"] for o in a.cells[1].outputs] == ["stdout", "stderr"]   # kept apart
 
 
+def test_html_pages_share_one_stylesheet(tmp_path):
+    from moe_kernels.notebook_html import CSS_NAME, HTML_DIRNAME, export_html
+    pages = []
+    for name, src in (("01_a", "x = 1"), ("02_b", "print('b')")):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_markdown_cell(f"# {name}"), nbformat.v4.new_code_cell(src)]
+        nbformat.write(nb, str(tmp_path / f"{name}.ipynb"))
+        pages.append(export_html(tmp_path / f"{name}.ipynb", tmp_path / "figs"))
+        css = (tmp_path / "figs" / HTML_DIRNAME / CSS_NAME).read_text()
+        assert len(css) > 10_000 and "pre { line-height" in css   # the template's CSS
+    for page in pages:
+        text = page.read_text()
+        head = text[:text.index("</head>")]
+        assert "<style" not in head and f'href="{CSS_NAME}"' in head
+        assert len(text) < len(css)                              # no second copy inside
+
+
 def test_run_all_prunes_figures_a_notebook_no_longer_writes(tmp_path):
     from moe_kernels.analysis import manifest as mf
     nb = _dummy_notebook(tmp_path / "09_dummy.ipynb")
