@@ -17,6 +17,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from .. import __version__
+from ..atomic import write_atomic
 from .plots import save_figure
 from .style import add_footer, check_source
 
@@ -81,9 +82,7 @@ def register_figure(figures_dir: str | Path, filename: str, notebook: str,
         data = read_manifest(fdir)
         data["schema"] = MANIFEST_SCHEMA
         data["figures"][rel.as_posix()] = entry
-        tmp = fdir / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-        tmp.write_text(dumps_manifest(data), encoding="utf-8")
-        os.replace(tmp, fdir / MANIFEST_NAME)
+        write_atomic(fdir / MANIFEST_NAME, dumps_manifest(data))
     return entry
 
 
@@ -106,9 +105,7 @@ def prune_notebook(figures_dir: str | Path, notebook: str, keep: set[str]) -> li
             del data["figures"][n]
             (fdir / n).unlink(missing_ok=True)
         if gone:
-            tmp = fdir / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-            tmp.write_text(dumps_manifest(data), encoding="utf-8")
-            os.replace(tmp, fdir / MANIFEST_NAME)
+            write_atomic(fdir / MANIFEST_NAME, dumps_manifest(data))
     return gone
 
 

@@ -9,7 +9,6 @@ dpi and without the date/Software stamps, so the same run writes the same bytes.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import PlaceHolderLayoutEngine
 from matplotlib.patches import Patch
 
+from ..atomic import write_atomic
 from .style import FIG_DPI, colour, legend_outside, readable
 from .whatif import near_overflow
 
@@ -70,11 +70,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = FIG_DPI) -> Path:
     if path.suffix.lower() != ".png":
         raise ValueError(f"path must end in .png, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = figure_png(fig, dpi)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, figure_png(fig, dpi))
 
 
 def _legend(ax) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..atomic import write_atomic
 from . import runtime as rt
 
 #: Streaming kernel: [COPY_ROWS, COPY_COLS] BF16 read, scaled by 1, written back:
@@ -159,10 +160,7 @@ def _load_or_measure(path: str, key: str, cls: type, measure: Callable[[], Any])
             except (OSError, ValueError, TypeError):
                 pass
         cal = measure()
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(cal.to_dict(), fh, indent=2)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(cal.to_dict(), indent=2))
         return cal
 
 

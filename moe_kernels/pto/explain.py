@@ -168,9 +168,9 @@ def critical_path(tasks: Mapping[int, dict], pred: Mapping[int, list[int]]
 
 def _pipe_counts(trace: list[Mapping], tasks: Mapping[int, dict], on_path: set[int]
                  ) -> dict[str, int]:
-    """loads, load bytes, vector ops, stores, store bytes of the tasks `on_path`. A pipe event belongs to the
-    task running on its core at its start time (the trace's own TASK[] numbers are not
-    the swim's task ids)."""
+    """loads, load bytes, vector ops, stores, store bytes of the tasks `on_path`. A pipe
+    event belongs to the task running on its core at its start time (the trace's own
+    TASK[] numbers are not the swim's task ids)."""
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
     core_pid = {tid: name.replace("_", " ") for (pid, tid), name in names.items()

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_atomic
 from ..paths import CACHE_DIR
 from .recovery import reset_after_failed_kernel
 from .side_files import check_cache_folder, redirect_side_files
@@ -147,9 +148,7 @@ def write_quiet_config(cache: Path) -> Path:
     dst = cache / "tile_fwk_config.json"
     text = json.dumps(cfg, indent=2)
     if not dst.exists() or dst.read_text() != text:
-        tmp = dst.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, dst)
+        write_atomic(dst, text)
     return dst
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_atomic
 from ..pto import runtime as rt
 
 #: The committed timings (small JSON, tracked): {entry id: entry}.
@@ -133,10 +133,7 @@ def store(key: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
     entry = {"key": key, **value}
     d = local_dir()
     d.mkdir(parents=True, exist_ok=True)
-    f = d / f"{key_id(key)}.json"
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(entry, sort_keys=True) + "\n")
-    os.replace(tmp, f)
+    write_atomic(d / f"{key_id(key)}.json", json.dumps(entry, sort_keys=True) + "\n")
     return entry
 
 
@@ -156,5 +153,5 @@ def export_committed(ids: Iterable[str], path: Path = COMMITTED_PATH) -> int:
     for kid in ids:
         out[kid] = json.loads((local_dir() / f"{kid}.json").read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, sort_keys=True, indent=1) + "\n")
+    write_atomic(path, json.dumps(out, sort_keys=True, indent=1) + "\n")
     return len(out)
