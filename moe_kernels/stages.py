@@ -183,7 +183,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("gate", "FFN RMSNorm, per-token INT8, sqrt-softplus scores, top-k (hash or sort)",
           _gate.gate, "gate:gate", _gate_cost),
     Stage("expert_shared", "the shared W8A8 SwiGLU expert over every token",
-          _es.expert_shared, "ffn:expert_shared", _expert_shared_cost),
+          _es.expert_shared, "shared_ffn:expert_shared", _expert_shared_cost),
     Stage("pack_routes", "gather each route's INT8 row, scale and weight for dispatch",
           _dc.pack_routes, "routes:pack_routes", _pack_routes_cost),
     Stage("expert_routed", "each local expert's W8A8 SwiGLU over its received rows, "

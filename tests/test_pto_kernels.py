@@ -19,7 +19,7 @@ from moe_kernels.types import ExpertWeights
 
 pytestmark = pytest.mark.pypto
 pto = pytest.importorskip("moe_kernels.pto.backend")
-from moe_kernels.pto import ffn, gate, hc, routes  # noqa: E402
+from moe_kernels.pto import ffn, gate, hc, routes, shared_ffn  # noqa: E402
 
 # demo width (D = I = 4096) with few tokens: the demo-sized case of every stage
 DEMO_T = (4, 4)          # batch, seq -> 16 tokens
@@ -111,7 +111,7 @@ def test_expert_shared_bit_exact(tiny, size):
         ws = (_rand_i8("w1", i, d), torch.full((i,), 1e-3), _rand_i8("w3", i, d),
               torch.full((i,), 1e-3), _rand_i8("w2", d, i), torch.full((d,), 1e-3))
     xq, xs = quantize_rows_int8(torch.randn(t, d, generator=generator(5, "x")))
-    sh, lat = ffn.expert_shared(xq, xs, ExpertWeights(*ws), cfg.swiglu_limit)
+    sh, lat = shared_ffn.expert_shared(xq, xs, ExpertWeights(*ws), cfg.swiglu_limit)
     assert torch.equal(sh, ref_es.expert_shared(xq, xs, ExpertWeights(*ws), cfg.swiglu_limit))
     assert lat.aicore_us > 0
 

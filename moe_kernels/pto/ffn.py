@@ -27,21 +27,12 @@ FFN_CUBE_M = 128
 #: Vector tiles on [rows, I] FP32: 4 rows x a whole 4096 row (64 KiB), so the Q8 amax
 #: needs no partial maxima; 8 rows do not fit the unified buffer.
 ROW_TILE, COL_TILE = 4, 4096
-#: N tile of the shared expert's w2 matmul: the widest 32-aligned panel whose tasks fill
-#: the 24 cube cores in one wave (each task reloads the whole activation).
-SHARED_W2_N = 192
-#: N tile of the shared expert's w1/w3 matmuls: two tiles per task that share the
-#: activation in L1.
-SHARED_W13_N = 192
-#: Row tile of the shared expert's SwiGLU/Q8 phase: at 2 rows the Q8's final cast stays
-#: in the SwiGLU task instead of becoming its own phase.
-SHARED_H_ROW_TILE = 2
 
 
-def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
+def swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
                  w2_tiles=None):
     """The FFN of one weight set over rows x [M, D] INT8 (xs [M, 1]); returns FP32 y [M, D].
-    w2_tiles: (m, k_dims, n[, (rows, cols)]) arguments of _cube_tiles for the w2 matmul, if
+    w2_tiles: (m, k_dims, n[, (rows, cols)]) arguments of cube_tiles for the w2 matmul, if
     it differs, and optionally the vector tile shape from the w2 matmul on."""
     g = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w1, pypto.DT_INT32, b_trans=True),
                                        pypto.DT_FP32), xs), s1)
@@ -53,7 +44,7 @@ def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
     h = pypto.mul(pypto.mul(g, pypto.sigmoid(g)), u)
     h_i8, hs = quantize_rows_q8(pypto, h)
     if w2_tiles is not None:
-        _cube_tiles(pypto, *w2_tiles[:3])
+        cube_tiles(pypto, *w2_tiles[:3])
         if len(w2_tiles) > 3:
             pypto.set_vec_tile_shapes(*w2_tiles[3])
     y = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(h_i8, w2, pypto.DT_INT32, b_trans=True),
@@ -63,70 +54,20 @@ def _swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
     return y
 
 
-def _cube_tiles(pypto, m: int, k_dims: tuple[int, ...], n: int = FFN_CUBE_N) -> None:
+def cube_tiles(pypto, m: int, k_dims: tuple[int, ...], n: int = FFN_CUBE_N) -> None:
     mt = min(FFN_CUBE_M, -(-m // 16) * 16)
     k0 = min(divisor_tile("matmul K", min(k_dims), FFN_CUBE_K0), FFN_CUBE_K0)
     k1 = max(k0, divisor_tile("matmul K", min(k_dims), FFN_CUBE_K1))
     pypto.set_cube_tile_shapes([mt, mt], [k0, k1], [n, n])
 
 
-@functools.lru_cache(maxsize=16)
-def _shared_kernel(t: int, d: int, i: int, limit: float):
-    pypto = rt.ensure_ready()
-    rt_ = divisor_tile("tokens", t, ROW_TILE)
-    rt_h = divisor_tile("tokens", t, SHARED_H_ROW_TILE)
-    ct = divisor_tile("min(hidden, intermediate)", min(d, i), COL_TILE)
-    swiglu = _swiglu_rows
-    tiles = _cube_tiles
-    w2_n = SHARED_W2_N
-
-    @pypto.frontend.jit(**rt.jit_options())
-    def expert_shared_k(x: pypto.Tensor((t, d), pypto.DT_INT8),
-                        xs: pypto.Tensor((t, 1), pypto.DT_FP32),
-                        w1: pypto.Tensor((i, d), pypto.DT_INT8),
-                        s1: pypto.Tensor((1, i), pypto.DT_FP32),
-                        w3: pypto.Tensor((i, d), pypto.DT_INT8),
-                        s3: pypto.Tensor((1, i), pypto.DT_FP32),
-                        w2: pypto.Tensor((d, i), pypto.DT_INT8),
-                        s2: pypto.Tensor((1, d), pypto.DT_FP32),
-                        sh: pypto.Tensor((t, d), pypto.DT_BF16)):
-        """sh = bf16(SwiGLU-W8A8(x))."""
-        pypto.set_vec_tile_shapes(rt_h, ct)
-        tiles(pypto, t, (d, i), SHARED_W13_N)
-        y = swiglu(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit,
-                   w2_tiles=(t, (d, i), w2_n, (rt_, ct)))
-        sh[:] = pypto.cast(y, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
-
-    return expert_shared_k
-
-
-def _check_weights(w1, w3, w2, lead: tuple[int, ...]) -> tuple[int, int]:
+def check_weights(w1, w3, w2, lead: tuple[int, ...]) -> tuple[int, int]:
     i, d = w1.shape[-2:]
     for name, w, shape in (("w1", w1, (*lead, i, d)), ("w3", w3, (*lead, i, d)),
                            ("w2", w2, (*lead, d, i))):
         if tuple(w.shape) != shape or w.dtype != torch.int8:
             raise ValueError(f"{name} must be {list(shape)} int8, got {tuple(w.shape)} {w.dtype}")
     return d, i
-
-
-def expert_shared(x_norm_i8: torch.Tensor, x_norm_scale: torch.Tensor,
-                  w: ExpertWeights, swiglu_limit: float
-                  ) -> tuple[torch.Tensor, LatencyRecord | None]:
-    """x_norm_i8 [T,D] INT8, x_norm_scale [T,1] FP32 -> (sh [T,D] BF16, latency)."""
-    w1, w1_scale, w3, w3_scale, w2, w2_scale = w
-    d, i = _check_weights(w1, w3, w2, ())
-    if x_norm_i8.dim() != 2 or x_norm_i8.shape[1] != d or x_norm_i8.dtype != torch.int8:
-        raise ValueError(f"x_norm_i8 must be [T,{d}] int8, got {tuple(x_norm_i8.shape)} "
-                         f"{x_norm_i8.dtype}")
-    t = x_norm_i8.shape[0]
-    sh = torch.empty(t, d, dtype=torch.bfloat16)
-    f32 = torch.float32
-    lat = rt.launch(_shared_kernel(t, d, i, float(swiglu_limit)), x_norm_i8.contiguous(),
-                    x_norm_scale.to(f32).reshape(t, 1).contiguous(), w1.contiguous(),
-                    w1_scale.to(f32).reshape(1, i).contiguous(), w3.contiguous(),
-                    w3_scale.to(f32).reshape(1, i).contiguous(), w2.contiguous(),
-                    w2_scale.to(f32).reshape(1, d).contiguous(), sh, name="expert_shared")
-    return sh, lat
 
 
 #: Row quantum of the routed kernel: each local expert computes its received rows rounded
@@ -155,8 +96,8 @@ def _routed_expert(pypto, e: int, rows: tuple[int, ...], c: int, d: int, i: int,
     x, xs, rw, w1, s1, w3, s3, w2, s2 = ins
     m = rows[e]
     pypto.set_vec_tile_shapes(divisor_tile("rows of a local expert", m, ROW_TILE), ct)
-    _cube_tiles(pypto, m, (d, i))
-    ye = _swiglu_rows(pypto, pypto.view(x, [m, d], [e * c, 0]),
+    cube_tiles(pypto, m, (d, i))
+    ye = swiglu_rows(pypto, pypto.view(x, [m, d], [e * c, 0]),
                       pypto.view(xs, [m, 1], [e * c, 0]),
                       pypto.view(w1, [i, d], [e * i, 0]), pypto.view(s1, [1, i], [e, 0]),
                       pypto.view(w3, [i, d], [e * i, 0]), pypto.view(s3, [1, i], [e, 0]),
@@ -216,7 +157,7 @@ def expert_routed(recv_x: torch.Tensor, recv_scale: torch.Tensor, recv_w: torch.
     """
     nl, c, d = recv_x.shape
     w1, w1_scale, w3, w3_scale, w2, w2_scale = w
-    d_w, i = _check_weights(w1, w3, w2, (nl,))
+    d_w, i = check_weights(w1, w3, w2, (nl,))
     if d_w != d or recv_x.dtype != torch.int8:
         raise ValueError(f"recv_x must be [NL,C,{d_w}] int8, got {tuple(recv_x.shape)} "
                          f"{recv_x.dtype}")

@@ -33,7 +33,7 @@ COMMITTED_PATH = Path(__file__).resolve().parents[1] / "data" / "sim_timings.jso
 KERNEL_MODULES: dict[str, tuple[str, ...]] = {
     "hc_pre": ("hc", "tiling"),
     "gate": ("gate", "tiling"),
-    "expert_shared": ("ffn", "gate:quantize_rows_q8", "tiling"),
+    "expert_shared": ("shared_ffn", "ffn", "gate:quantize_rows_q8", "tiling"),
     "expert_routed": ("ffn", "gate:quantize_rows_q8", "tiling"),
     "pack_routes": ("routes", "tiling"),
     "scatter_routes": ("routes", "tiling"),
