@@ -14,7 +14,7 @@ import torch
 
 from ..types import ExpertWeights
 from . import runtime as rt
-from .gate import quantize_rows_q8
+from .q8 import quantize_rows_q8
 from .runtime import LatencyRecord
 from .tiling import divisor_tile
 
@@ -29,11 +29,9 @@ FFN_CUBE_M = 128
 ROW_TILE, COL_TILE = 4, 4096
 
 
-def swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
-                 w2_tiles=None):
-    """The FFN of one weight set over rows x [M, D] INT8 (xs [M, 1]); returns FP32 y [M, D].
-    w2_tiles: (m, k_dims, n[, (rows, cols)]) arguments of cube_tiles for the w2 matmul, if
-    it differs, and optionally the vector tile shape from the w2 matmul on."""
+def swiglu_h(pypto, x, xs, w1, s1, w3, s3, limit: float):
+    """h = silu(g)·u [M, N] FP32 over rows x [M, D] INT8 (xs [M, 1]) and weight rows w1, w3
+    [N, D] INT8 (s1, s3 [1, N]): g = (x w1^T)_i32 · xs · s1, u likewise, clamped if limit."""
     g = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w1, pypto.DT_INT32, b_trans=True),
                                        pypto.DT_FP32), xs), s1)
     u = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(x, w3, pypto.DT_INT32, b_trans=True),
@@ -41,14 +39,26 @@ def swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
     if limit > 0:
         g = pypto.minimum(g, limit)
         u = pypto.clip(u, -limit, limit)
-    h = pypto.mul(pypto.mul(g, pypto.sigmoid(g)), u)
-    h_i8, hs = quantize_rows_q8(pypto, h)
+    return pypto.mul(pypto.mul(g, pypto.sigmoid(g)), u)
+
+
+def w2_dequant(pypto, h_i8, hs, w2, s2):
+    """y = (h_i8 w2^T)_i32 · hs · s2 [M, D] FP32 (the INT32 accumulator dequantised in FP32)."""
+    return pypto.mul(pypto.mul(pypto.cast(pypto.matmul(h_i8, w2, pypto.DT_INT32,
+                                                       b_trans=True), pypto.DT_FP32), hs), s2)
+
+
+def swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
+                w2_tiles=None):
+    """The FFN of one weight set over rows x [M, D] INT8 (xs [M, 1]); returns FP32 y [M, D].
+    w2_tiles: (m, k_dims, n[, (rows, cols)]) arguments of cube_tiles for the w2 matmul, if
+    it differs, and optionally the vector tile shape from the w2 matmul on."""
+    h_i8, hs = quantize_rows_q8(pypto, swiglu_h(pypto, x, xs, w1, s1, w3, s3, limit))
     if w2_tiles is not None:
         cube_tiles(pypto, *w2_tiles[:3])
         if len(w2_tiles) > 3:
             pypto.set_vec_tile_shapes(*w2_tiles[3])
-    y = pypto.mul(pypto.mul(pypto.cast(pypto.matmul(h_i8, w2, pypto.DT_INT32, b_trans=True),
-                                       pypto.DT_FP32), hs), s2)
+    y = w2_dequant(pypto, h_i8, hs, w2, s2)
     if row_w is not None:
         y = pypto.mul(y, row_w)
     return y

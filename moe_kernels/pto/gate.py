@@ -5,9 +5,10 @@ import functools
 
 import torch
 
-from ..config import INT8_AMAX_EPS, INT8_SCALE_MAX, ModelConfig, Routing
+from ..config import ModelConfig, Routing
 from ..types import GateOut
 from . import runtime as rt
+from .q8 import quantize_rows_q8
 from .runtime import LatencyRecord
 from .tiling import divisor_tile
 
@@ -16,9 +17,10 @@ from .tiling import divisor_tile
 TOKEN_TILE = 4
 #: Columns per vector tile over D: a whole demo row, so RMS and Q8 need no partial sums.
 COL_TILE = 4096
-#: Cube tiles of z = xg @ gate_w^T: M 16, K 512 in L0, up to 2048 per L1 fill (K1 must be
-#: a multiple of K0: pypto FC4000), split-K when E is small.
-GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 16, 512, 2048
+#: Cube tiles of z = xg @ gate_w^T: M 32, K 512 in L0, up to 2048 per L1 fill (K1 must be
+#: a multiple of K0: pypto FC4000), split-K when E is small. M 32: 8 cube and 4 score
+#: tasks at demo (M 16: 16 and 8), fewer for the AICPU to dispatch and resolve.
+GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 32, 512, 2048
 #: Cube N tile over the 3E stacked weight rows, at most 64 (one N x K0 BF16 tile fills
 #: L0B; the whole 3E in one tile overflowed L1 at flash: "Run pass failed").
 GATE_CUBE_N = 64
@@ -29,7 +31,7 @@ GATE_CUBE_CORES, GATE_CUBE_M_MAX = 24, 48
 #: exact products, FP32-accurate sum, no FP32 copy of x_norm.
 GATE_W_SPLIT = 3
 #: Token rows per vector tile of the small score / routing tail: one task per cube M tile.
-SCORE_TOKEN_TILE = 16
+SCORE_TOKEN_TILE = 32
 
 
 def split_bf16(w: torch.Tensor, parts: int) -> torch.Tensor:
@@ -43,21 +45,6 @@ def split_bf16(w: torch.Tensor, parts: int) -> torch.Tensor:
         pieces.append(p)
         rest = rest - p.to(torch.float32)
     return torch.cat(pieces).contiguous()
-
-
-def quantize_rows_q8(pypto, v):
-    """Q8 of spec §2.1 inside a kernel, over the last dim: returns (q INT8, s FP32 [.., 1]).
-
-    amax = max(1e-4, max|v|); qs = 127/amax; s = 1/qs; q = INT8(trunc(FP16(INT32(rint(v·qs))))).
-    The FP32->INT32 (rint) -> FP16 -> INT8 (trunc) chain is written out because a direct
-    FP32->INT8 cast wraps on overflow in pypto 0.2.0 (|v·qs| <= 127 here, so no wrap).
-    """
-    amax = pypto.maximum(pypto.amax(pypto.abs(v), -1, keepdim=True), INT8_AMAX_EPS)
-    qs = pypto.div(pypto.full(amax.shape, INT8_SCALE_MAX, pypto.DT_FP32), amax)
-    s = pypto.div(pypto.full(amax.shape, 1.0, pypto.DT_FP32), qs)
-    q32 = pypto.cast(pypto.mul(v, qs), pypto.DT_INT32, pypto.CastMode.CAST_RINT)
-    q16 = pypto.cast(q32, pypto.DT_FP16, pypto.CastMode.CAST_ROUND)
-    return pypto.cast(q16, pypto.DT_INT8, pypto.CastMode.CAST_TRUNC), s
 
 
 @functools.lru_cache(maxsize=16)
@@ -115,9 +102,15 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
             _, idx = pypto.topk(pypto.add(score, gate_bias), k, -1, True)
         pypto.set_vec_tile_shapes(st, k)
         picked = pypto.gather(score, 1, idx)
-        total = pypto.view(picked, [t, 1], [0, 0])
+        # Σ_j picked[:, j] in j order. Column j is gathered (index j) into its own [T, 1]
+        # tile: a view at column j > 0 is not 32-byte aligned in UB, and the model copied it
+        # out to GM and back (~1 us on the critical path).
+        pypto.set_vec_tile_shapes(st, 1)
+        total = pypto.gather(picked, 1, pypto.full([t, 1], 0, pypto.DT_INT32))
         for j in range(1, k):
-            total = pypto.add(total, pypto.view(picked, [t, 1], [0, j]))
+            total = pypto.add(total,
+                              pypto.gather(picked, 1, pypto.full([t, 1], j, pypto.DT_INT32)))
+        pypto.set_vec_tile_shapes(st, k)
         weights[:] = pypto.mul(pypto.div(picked, total), route_scale)
         # Outputs last: writing an output then reusing its source crashes 0.2.0's frontend.
         indices[:] = idx

@@ -19,9 +19,24 @@ from .tiling import divisor_tile
 #: hc_pre RMS tiles: 4 tokens x one 4096-column chunk, so each row sum stays in one tile.
 TOKEN_TILE = 4
 RMS_COL_TILE = 4096
-#: x_mixed tiles: 32 tokens x 512 columns -> one wave of tasks on the 48 vector cores.
-COL_TILE = 512
-XMIX_TOKEN_TILE = 32
+#: hc_pre token groups: per group of TOKEN_GROUP tokens one Sinkhorn task and the x_mixed
+#: tasks, each computing the group's logits from the mix matmul's K-chunk partials (no
+#: split-K reduce phase, no logits phase between the cube and x_mixed): 45.9 -> 31.8 us
+#: at demo R=2 with the changes below.
+TOKEN_GROUP = 32
+#: x_mixed column chunks of COL_TILE (the last one shorter): 32 x 384 -> 44 tasks plus the
+#: 4 Sinkhorn tasks fill the 48 vector cores once; 32 x 416 spills the four broadcast
+#: `pre` columns' FP32 tiles to GM (~5 us per task).
+COL_TILE = 384
+#: Merge scopes: SCOPE_BASE + g·(chunks + 1) is group g's Sinkhorn, + 1 + j its j-th
+#: x_mixed chunk, each its own task.
+SCOPE_BASE = 10
+#: hc_pre `pre` broadcast per stream as its own 32-byte FP32 row block, so each stream's
+#: [tokens, 1] column is an aligned UB view.
+PRE_PAD = 8
+#: hc_pre logit scale and base per row in one padded tile: scale at column 0, base at
+#: column SB_BASE_COL (a 32-byte row each), one load per task instead of two.
+SB_COLS, SB_BASE_COL = 16, 8
 #: hc_post tile [tokens, hc, columns] = 1 x hc x 4096: the largest that fits the unified
 #: buffer beside the FP32 copy of the hc streams.
 POST_TOKEN_TILE, POST_COL_TILE = 1, 4096
@@ -31,42 +46,53 @@ POST_TILES_PER_TASK = 3
 #: row, so one DMA per tile brings them all and each [tokens, hc, 1] slice is an aligned UB
 #: view; a strided view of a GM input is one DMA each (~0.8 us): 31.9 -> 20.2 us at demo.
 COEF_ROW = 8
-#: Mix matmul [2·mix, hc·D] x [T, hc·D]^T (hc_fn as BF16 hi + lo): one M tile, long K
-#: chunks so the split-K reduction has few partials.
+#: Mix matmul [2·mix, hc·D] x [T, hc·D]^T (hc_fn as BF16 hi + lo): one M tile, one matmul
+#: per K chunk of MIX_CUBE_K1, its FP32 partial written to a GM workspace.
 MIX_CUBE_M, MIX_CUBE_K, MIX_CUBE_N, MIX_CUBE_K1 = 48, 256, 16, 4096
-#: Merge scope of the Sinkhorn chain: its own task, so x_mixed runs beside it.
-SINKHORN_SCOPE = 2
-#: pre / post logits per group of PRE_TOKEN_GROUP tokens, each group its own merge scope
-#: (PRE_SCOPE + g): 4 tasks that each resolve only their 8 x_mixed successors (the single
-#: logits task resolved 32 one after another, ~0.21 us each): 49.0 -> 45.9 us at demo R=2
-#: (with the comb logits moved into the Sinkhorn task and its 2-D divisions).
-PRE_SCOPE = 10
-PRE_TOKEN_GROUP = 32
 
 
-def _logit_rows(pypto, mm_hl, r_row, scale_col, base_col, row0: int, n: int, mix: int,
-                t: int):
-    """Traced in hc_pre: logits rows [row0, row0 + n) = r·(hi·x + lo·x)·s + b, [n, T]."""
-    mm = pypto.add(pypto.view(mm_hl, [n, t], [row0, 0]),                   # hi·x + lo·x
-                   pypto.view(mm_hl, [n, t], [mix + row0, 0]))
-    return pypto.add(pypto.mul(pypto.mul(r_row, mm), pypto.view(scale_col, [n, 1], [row0, 0])),
-                     pypto.view(base_col, [n, 1], [row0, 0]))
-
-
-def _join_rows(pypto, parts: list):
-    """Traced in hc_pre: the token groups' [tokens, hc] pre tiles as one [T, hc] tensor."""
-    return parts[0] if len(parts) == 1 else pypto.concat(parts, 0)
+def _logit_rows(pypto, parts, r_row, sb, row0: int, sizes: tuple, mix: int, kc: int, t: int):
+    """Traced in hc_pre: logits of the row blocks of `sizes` from mix row row0 on, each
+    r·(hi·x + lo·x)·s + b as its own [n, T] tile. parts [kc·2·mix, T] holds the matmul's
+    kc K-chunk partials (hi rows, then lo rows); they come in one load and are added in
+    K order (the order of pypto's split-K reduction: same bits), then hi + lo. The scale
+    and base (sb[:, 0], sb[:, SB_BASE_COL]) come in another load (x·1.0 is exact) and are
+    sliced in UB: a view of a GM tensor is one load (~0.8 us) each."""
+    n_all = sum(sizes)
+    pypto.set_vec_tile_shapes(mix, SB_COLS)
+    sb_u = pypto.mul(sb, 1.0)
+    pypto.set_vec_tile_shapes(kc * 2, n_all, t)
+    p = pypto.mul(pypto.view(pypto.reshape(parts, [kc * 2, mix, t], inplace=True),
+                             [kc * 2, n_all, t], [0, row0, 0]), 1.0)
+    pypto.set_vec_tile_shapes(kc, 2, n_all, t)
+    hl = pypto.sum(pypto.reshape(p, [kc, 2, n_all, t], inplace=True), 0)   # Σ_k partial_k
+    pypto.set_vec_tile_shapes(2, n_all, t)
+    mm = pypto.sum(hl, 0)                                         # hi·x + lo·x
+    out, off = [], 0
+    for n in sizes:
+        pypto.set_vec_tile_shapes(n, t)
+        out.append(pypto.add(
+            pypto.mul(pypto.mul(r_row, pypto.view(mm, [n, t], [off, 0])),
+                      pypto.view(sb_u, [n, 1], [row0 + off, 0])),
+            pypto.view(sb_u, [n, 1], [row0 + off, SB_BASE_COL])))
+        off += n
+    return out
 
 
 def _sinkhorn_norm(pypto, c, axis: int, hc: int, t: int, eps: float):
-    """Traced in hc_pre: c / (sum(c, axis) + eps) on C[i, j, t]. The sum stays 3-D; +eps
-    and the division run on 2-D views of the same UB tiles (free reshapes): the model
-    prices a [4, 4, 128] division at 262 cycles, the same floats as [16, 128] at 114."""
-    pypto.set_vec_tile_shapes(hc, hc, t)
-    s = pypto.sum(c, axis, keepdim=True)
+    """Traced in hc_pre: c / (sum(c, axis) + eps) on C[i, j, t]. The sum adds the hc
+    [hc, t] blocks of a 2-D view of C in order (the bits of pypto's sum): row blocks of
+    [hc·hc, t] for the column sum (axis 0), column blocks of [hc, hc·t] for the row sum
+    (axis 1); the model prices a 3-D sum of [4, 4, 32] at 154-200 cycles, an add of [4, 32]
+    at 43. +eps and the division run on 2-D views too (free reshapes): a [4, 4, 128]
+    division costs 262 cycles, the same floats as [16, 128] 114."""
     shp = [hc, 1, t] if axis == 1 else [1, hc, t]
+    c2 = pypto.reshape(c, [hc * hc, t] if axis == 0 else [hc, hc * t], inplace=True)
     pypto.set_vec_tile_shapes(hc, t)
-    s2 = pypto.add(pypto.reshape(s, [hc, t], inplace=True), eps)
+    s = pypto.view(c2, [hc, t], [0, 0])
+    for i in range(1, hc):
+        s = pypto.add(s, pypto.view(c2, [hc, t], [hc * i, 0] if axis == 0 else [0, t * i]))
+    s2 = pypto.add(s, eps)
     pypto.set_vec_tile_shapes(hc, hc, t)
     den = pypto.expand_clone(pypto.reshape(s2, shp, inplace=True), [hc, hc, t])
     pypto.set_vec_tile_shapes(hc * hc, t)
@@ -76,34 +102,46 @@ def _sinkhorn_norm(pypto, c, axis: int, hc: int, t: int, eps: float):
     return pypto.reshape(q, [hc, hc, t], inplace=True)
 
 
+def _mix_k_chunks(hd: int) -> int:
+    """Number of K chunks of the mix matmul (one partial each in the `parts` workspace)."""
+    return hd // divisor_tile("hc*hidden", hd, MIX_CUBE_K1)
+
+
+def _mix_row_order(hc: int) -> list[int]:
+    """The kernel's order of the mix rows: pre, comb, post (spec order pre, post, comb), so
+    the Sinkhorn task's comb and post logits are one block from one load."""
+    mix = (2 + hc) * hc
+    return [*range(hc), *range(2 * hc, mix), *range(hc, 2 * hc)]
+
+
 @functools.lru_cache(maxsize=16)
 def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: float):
     pypto = rt.ensure_ready()
     mix = (2 + hc) * hc
     hd = hc * d
     tt = divisor_tile("tokens", t, TOKEN_TILE)
-    xt = divisor_tile("tokens", t, XMIX_TOKEN_TILE)
+    tg = divisor_tile("tokens", t, TOKEN_GROUP)
     rc = divisor_tile("hc*hidden", hd, RMS_COL_TILE)
-    ct = divisor_tile("hidden", d, COL_TILE)
     kt = divisor_tile("hc*hidden", hd, MIX_CUBE_K)
-    kt1 = divisor_tile("hc*hidden", hd, MIX_CUBE_K1)
+    kc = _mix_k_chunks(hd)
+    kt1 = hd // kc
     nt = min(MIX_CUBE_N, -(-t // 16) * 16)  # cube N tiles must be 16-aligned
     mm_m = min(MIX_CUBE_M, 2 * mix)
-    logit_rows, norm, join = _logit_rows, _sinkhorn_norm, _join_rows
-    tgp = divisor_tile("tokens", t, PRE_TOKEN_GROUP)
-    gp = t // tgp
+    n_chunks = -(-d // COL_TILE)  # x_mixed column chunks, the last one shorter
+    logit_rows, norm = _logit_rows, _sinkhorn_norm
 
     @pypto.frontend.jit(**rt.jit_options())
     def hc_pre_k(x: pypto.Tensor((t, hd), pypto.DT_BF16),
                  fn_hl: pypto.Tensor((2 * mix, hd), pypto.DT_BF16),
-                 scale_col: pypto.Tensor((mix, 1), pypto.DT_FP32),
-                 base_col: pypto.Tensor((mix, 1), pypto.DT_FP32),
+                 sb: pypto.Tensor((mix, SB_COLS), pypto.DT_FP32),
                  x_mixed: pypto.Tensor((t, d), pypto.DT_BF16),
                  post_t: pypto.Tensor((hc, t), pypto.DT_FP32),
-                 comb_t: pypto.Tensor((hc, hc, t), pypto.DT_FP32)):
+                 comb_t: pypto.Tensor((hc, hc, t), pypto.DT_FP32),
+                 parts: pypto.Tensor((kc * 2 * mix, t), pypto.DT_FP32)):
         """r = rsqrt(mean(X²)+eps); logits = r·(X fn^T)·s + b; pre/post = σ; comb = sinkhorn;
         x_mixed = bf16(Σ_h pre_h · x_h). Logits are kept token-minor ([mix, T]) so every
-        reduction runs over a 32-byte aligned last axis (pypto needs that; hc = 4 FP32 is 16 B)."""
+        reduction runs over a 32-byte aligned last axis (pypto needs that; hc = 4 FP32 is 16 B).
+        Mix rows in _mix_row_order; `parts` is a workspace for the matmul's K-chunk partials."""
         pypto.set_vec_tile_shapes(tt, rc)
         pypto.set_cube_tile_shapes([mm_m, mm_m], [kt, kt1], [nt, nt], True)
         # Σ x² per token as hd/rc chunk sums, each over one whole tile row (a reduction
@@ -114,56 +152,69 @@ def _hc_pre_kernel(t: int, hc: int, d: int, iters: int, rms_eps: float, hc_eps: 
             part = pypto.sum(pypto.mul(xc, xc), -1, keepdim=True)
             ssq = part if ssq is None else pypto.add(ssq, part)
         r = pypto.rsqrt(pypto.add(pypto.div(ssq, float(hd)), rms_eps))
-        mm_hl = pypto.matmul(fn_hl, x, pypto.DT_FP32, b_trans=True)   # [2·mix, T]
+        # The mix matmul as one matmul per K chunk, each partial written to `parts`; the
+        # logits' consumers add them (pypto's split-K reduction was a phase of its own,
+        # ~3.4 us plus a ~2.4 us link on the critical path).
+        for k in range(kc):
+            part = pypto.matmul(pypto.view(fn_hl, [2 * mix, kt1], [0, k * kt1]),
+                                pypto.view(x, [t, kt1], [0, k * kt1]), pypto.DT_FP32,
+                                b_trans=True)
+            if kc == 1:  # an assemble covering the whole tensor fails to compile (0.2.0)
+                parts[:] = part
+            else:
+                pypto.assemble(part, [k * 2 * mix, 0], parts)
         # Reshapes are inplace (views of the same storage): a copying reshape ran as 128
         # tiny serial tasks in the model (kernel 94.0 -> 78.3 us).
         r_row = pypto.reshape(r, [1, t], inplace=True)
-        # pre / post per token group, each its own task: the x_mixed tasks of a group wait
-        # for (and are resolved by) that group's task only
-        pypto.set_vec_tile_shapes(2 * hc, tgp)
-        pre_parts = []
-        for g in range(gp):
-            pypto.set_pass_options(sg_set_scope=PRE_SCOPE + g)
-            lg_g = logit_rows(pypto, pypto.view(mm_hl, [2 * mix, tgp], [0, g * tgp]),
-                              pypto.view(r_row, [1, tgp], [0, g * tgp]), scale_col, base_col,
-                              0, 2 * hc, mix, tgp)
-            pre_g = pypto.add(pypto.sigmoid(pypto.view(lg_g, [hc, tgp], [0, 0])), hc_eps)
-            pypto.assemble(pypto.mul(pypto.sigmoid(pypto.view(lg_g, [hc, tgp], [hc, 0])), 2.0),
-                           [0, g * tgp], post_t)
-            pre_parts.append(pypto.transpose(pre_g, 0, 1))
-        pypto.set_pass_options(sg_set_scope=-1)
-        # x_mixed: FP32 accumulation over streams h = 0..hc-1 in order.
-        pypto.set_vec_tile_shapes(xt, ct)
-        # (x is read as BF16 and cast here: no FP32 copy of x goes through GM.)
-        # pre token-major via a transpose in the logits task, read per stream as a [T, 1]
-        # column view: the former inplace reshape of pre[h] ([1, T] -> [T, 1]) still ran as
-        # its own copy phase (2 tasks of 1.9 us plus a ~3 us dependency gap on the critical
-        # path to x_mixed): hc_pre 55.9 -> 49.0 us at demo R=2 (data movement only: same bits).
-        # (Tried and dropped: logits tiled (mix, 32 / 64): RMS and logits merged into 4 / 2
-        # tasks of 34 / 66 us, 82.2 / 113.8 us; a merge scope around the logits / the split-K
-        # sum: 57.1 / 109.7 us; split-K written out as 4 matmuls + in-order adds: the adds
-        # stay their own phase, 48.7 us, not kept (same time, pypto's own reduction kept);
-        # XMIX_TOKEN_TILE 16: 50.7 us, 64: compile error.)
-        pre_tm = join(pypto, pre_parts)
-        acc = pypto.mul(pypto.view(pre_tm, [t, 1], [0, 0]),
-                        pypto.cast(pypto.view(x, [t, d], [0, 0]), pypto.DT_FP32))
-        for h in range(1, hc):
-            pre_h = pypto.view(pre_tm, [t, 1], [0, h])
-            acc = pypto.add(acc, pypto.mul(pre_h, pypto.cast(pypto.view(x, [t, d], [0, h * d]),
-                                                             pypto.DT_FP32)))
-        x_mixed[:] = pypto.cast(acc, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
-        pypto.set_pass_options(sg_set_scope=SINKHORN_SCOPE)
-        # Sinkhorn on C[i, j, t]: row softmax over j + eps, column norm over i,
-        # then (iters - 1) x (row, column) normalisations, each / (sum + eps).
-        pypto.set_vec_tile_shapes(hc * hc, t)
-        lc = logit_rows(pypto, mm_hl, r_row, scale_col, base_col, 2 * hc, hc * hc, mix, t)
-        pypto.set_vec_tile_shapes(hc, hc, t)
-        c = pypto.add(pypto.softmax(pypto.reshape(lc, [hc, hc, t], inplace=True), 1), hc_eps)
-        c = norm(pypto, c, 0, hc, t, hc_eps)
-        for _ in range(iters - 1):
-            c = norm(pypto, c, 1, hc, t, hc_eps)
-            c = norm(pypto, c, 0, hc, t, hc_eps)
-        comb_t[:] = c
+        for g0 in range(0, t, tg):
+            scope = SCOPE_BASE + g0 // tg * (n_chunks + 1)
+            parts_g = pypto.view(parts, [kc * 2 * mix, tg], [0, g0])
+            r_g = pypto.view(r_row, [1, tg], [0, g0])
+            # Sinkhorn on C[i, j, t] (with post, from the same loads): row softmax over
+            # j + eps, column norm over i, then (iters - 1) x (row, column) normalisations,
+            # each / (sum + eps).
+            pypto.set_pass_options(sg_set_scope=scope)
+            lc, lpost = logit_rows(pypto, parts_g, r_g, sb, hc, (hc * hc, hc), mix, kc, tg)
+            pypto.set_vec_tile_shapes(hc, tg)
+            pypto.assemble(pypto.mul(pypto.sigmoid(lpost), 2.0), [0, g0], post_t)
+            pypto.set_vec_tile_shapes(hc, hc, tg)
+            c = pypto.add(pypto.softmax(pypto.reshape(lc, [hc, hc, tg], inplace=True), 1),
+                          hc_eps)
+            c = norm(pypto, c, 0, hc, tg, hc_eps)
+            for _ in range(iters - 1):
+                c = norm(pypto, c, 1, hc, tg, hc_eps)
+                c = norm(pypto, c, 0, hc, tg, hc_eps)
+            pypto.assemble(c, [0, 0, g0], comb_t)
+            # x_mixed = Σ_h pre_h · x_h, FP32 accumulation over h in order. Each chunk
+            # task computes its group's pre (the same ops as one shared logits task, so
+            # the same bits), broadcast per stream to a PRE_PAD-wide row block and
+            # transposed token-major: one [tokens, 1] UB column per stream. (x is read
+            # as BF16 and cast here: no FP32 copy of x goes through GM.)
+            # They read r as a UB slice of the whole row (one load either way): waiting on
+            # all RMS tasks, they hang off another hub task than the Sinkhorn, whose hub
+            # then resolves it first instead of after the group's x_mixed tasks (~2.3 us).
+            for c0 in range(0, d, COL_TILE):
+                cw = min(COL_TILE, d - c0)  # exact shapes, no partial tiles
+                pypto.set_pass_options(sg_set_scope=scope + 1 + c0 // COL_TILE)
+                pypto.set_vec_tile_shapes(1, t)
+                r_x = pypto.view(pypto.mul(r_row, 1.0), [1, tg], [0, g0])
+                lp, = logit_rows(pypto, parts_g, r_x, sb, 0, (hc,), mix, kc, tg)
+                pre = pypto.add(pypto.sigmoid(lp), hc_eps)
+                pypto.set_vec_tile_shapes(hc, PRE_PAD, tg)
+                pre_b = pypto.expand_clone(pypto.reshape(pre, [hc, 1, tg], inplace=True),
+                                           [hc, PRE_PAD, tg])
+                pypto.set_vec_tile_shapes(hc * PRE_PAD, tg)
+                pre_tm = pypto.transpose(
+                    pypto.reshape(pre_b, [hc * PRE_PAD, tg], inplace=True), 0, 1)
+                pypto.set_vec_tile_shapes(tg, cw)
+                acc = None
+                for h in range(hc):
+                    prod = pypto.mul(pypto.view(pre_tm, [tg, 1], [0, PRE_PAD * h]),
+                                     pypto.cast(pypto.view(x, [tg, cw], [g0, h * d + c0]),
+                                                pypto.DT_FP32))
+                    acc = prod if acc is None else pypto.add(acc, prod)
+                pypto.assemble(pypto.cast(acc, pypto.DT_BF16, pypto.CastMode.CAST_RINT),
+                               [g0, c0], x_mixed)
         pypto.set_pass_options(sg_set_scope=-1)
 
     return hc_pre_k
@@ -188,15 +239,18 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
     x_mixed = torch.empty(t, d, dtype=torch.bfloat16)
     post_t = torch.empty(hc, t, dtype=torch.float32)
     comb_t = torch.empty(hc, hc, t, dtype=torch.float32)
+    rows = _mix_row_order(hc)
     # hc_fn (FP32) as BF16 hi + lo rows: hi = bf16(fn), lo = bf16(fn - hi); Σ (hi + lo)·x in
     # FP32 matches the FP32 product to ~2^-17 relative (same bytes as the FP32 weight).
-    fn32 = hc_fn.to(torch.float32)
+    fn32 = hc_fn.to(torch.float32)[rows]
     hi = fn32.to(torch.bfloat16)
     fn_hl = torch.cat([hi, (fn32 - hi.to(torch.float32)).to(torch.bfloat16)]).contiguous()
-    lat = rt.launch(k, x_hc.reshape(t, hc * d).contiguous(), fn_hl,
-                    scale_vec.reshape(mix, 1).contiguous(),
-                    hc_base.to(torch.float32).reshape(mix, 1).contiguous(),
-                    x_mixed, post_t, comb_t, name="hc_pre")
+    sb = torch.zeros(mix, SB_COLS, dtype=torch.float32)
+    sb[:, 0] = scale_vec[rows]
+    sb[:, SB_BASE_COL] = hc_base.to(torch.float32)[rows]
+    parts = torch.empty(_mix_k_chunks(hc * d) * 2 * mix, t, dtype=torch.float32)
+    lat = rt.launch(k, x_hc.reshape(t, hc * d).contiguous(), fn_hl, sb,
+                    x_mixed, post_t, comb_t, parts, name="hc_pre")
     # Token-minor kernel layout back to the reference's [B,S,hc(,hc)] (a host permute of
     # T·20 floats).
     post = post_t.t().contiguous().reshape(b, s, hc)

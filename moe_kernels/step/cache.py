@@ -32,9 +32,9 @@ COMMITTED_PATH = Path(__file__).resolve().parents[1] / "data" / "sim_timings.jso
 #: the kernel's own module and the helper modules it traces through.
 KERNEL_MODULES: dict[str, tuple[str, ...]] = {
     "hc_pre": ("hc", "tiling"),
-    "gate": ("gate", "tiling"),
-    "expert_shared": ("shared_ffn", "ffn", "gate:quantize_rows_q8", "tiling"),
-    "expert_routed": ("ffn", "gate:quantize_rows_q8", "tiling"),
+    "gate": ("gate", "q8", "tiling"),
+    "expert_shared": ("shared_ffn", "ffn", "q8", "tiling"),
+    "expert_routed": ("ffn", "q8", "tiling"),
     "pack_routes": ("routes", "tiling"),
     "scatter_routes": ("routes", "tiling"),
     "reduce_routes": ("routes", "tiling"),
@@ -44,16 +44,11 @@ KERNEL_MODULES: dict[str, tuple[str, ...]] = {
 
 def source_hash(modules: Iterable[str], root: Path | None = None) -> str:
     """sha256 (hex, 16 chars) over the code of moe_kernels.pto modules (or of
-    `root`/<module>.py), in order, comments and docstrings left out; "module:function"
-    hashes only that top-level function (ffn uses one helper of gate.py, whose other
-    kernels change independently)."""
+    `root`/<module>.py), in order, comments and docstrings left out."""
     h = hashlib.sha256()
     pto_dir = root if root is not None else Path(rt.__file__).resolve().parent
     for m in modules:
-        mod, _, fn = m.partition(":")
-        text = (pto_dir / f"{mod}.py").read_text()
-        if fn:
-            text = _function_source(text, fn, m)
+        text = (pto_dir / f"{m}.py").read_text()
         h.update(m.encode() + b"\0" + _code_only(text).encode() + b"\0")
     return h.hexdigest()[:16]
 
@@ -69,13 +64,6 @@ def _code_only(text: str) -> str:
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree)
-
-
-def _function_source(text: str, fn: str, what: str) -> str:
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.FunctionDef) and node.name == fn:
-            return ast.get_source_segment(text, node) or ""
-    raise ValueError(f"{what}: no top-level function {fn!r}")
 
 
 def make_key(kernel: str, shape: dict[str, Any], source: str | None = None) -> dict[str, Any]:
