@@ -20,6 +20,7 @@ COL_TILE = 4096
 #: Cube tiles of z = xg @ gate_w^T: M 32, K 512 in L0, up to 2048 per L1 fill (K1 must be
 #: a multiple of K0: pypto FC4000), split-K when E is small. M 32: 8 cube and 4 score
 #: tasks at demo (M 16: 16 and 8), fewer for the AICPU to dispatch and resolve.
+#: K1 is also numerics: the interpreter adds the K1-chunk partials in order (split-K).
 GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 32, 512, 2048
 #: Cube N tile over the 3E stacked weight rows, at most 64 (one N x K0 BF16 tile fills
 #: L0B; the whole 3E in one tile overflowed L1 at flash: "Run pass failed").
