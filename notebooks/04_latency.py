@@ -80,7 +80,6 @@ print(f"figures -> {p.figures_dir}")
 
 # %%
 import logging
-import time
 
 # pypto calls logging.basicConfig(DEBUG) on import; configure first so only warnings show.
 logging.basicConfig(level=logging.WARNING)
@@ -100,7 +99,6 @@ out = FigureWriter(p.figures_dir, "04_latency", {**p.as_dict(), **opt.as_dict()}
 TIGHT_C = "busiest expert's rows (to 16)"
 STEP_SOURCE = ("sim: stage kernels (pypto cost model, 910B); model: count exchange, "
                "dispatch, combine (alpha-beta, hatched)")
-started = time.perf_counter()
 
 # %% [markdown]
 # ## 1. One step, every rank: a Gantt chart
@@ -267,5 +265,4 @@ display(Markdown(ss.step_findings(steps["seed"], steps["scale"], skew_home, skew
                                   opt.eplb_slots, by_ranks, by_tokens, comm_rows, vs_pub)))
 
 # %%
-print(f"notebook compute: {time.perf_counter() - started:.0f} s")
 print("\n".join(str(path.name) for path in out.written))
