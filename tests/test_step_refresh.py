@@ -36,3 +36,11 @@ def test_measure_entry_rebuilds_the_shape_and_reproduces_the_time(tmp_path, monk
     new = refresh.measure_entry(dict(e["key"], source="stale-source"))
     assert new["key"] == e["key"]
     assert new["aicore_us"] == pytest.approx(e["aicore_us"], rel=1e-9)
+
+
+def test_run_child_returns_what_the_child_emits_and_names_a_failure():
+    from moe_kernels.step.child import run_child
+    code = "from moe_kernels.step.child import emit; print('noise'); emit({'us': 1.5})"
+    assert run_child(["-c", code], "probe") == {"us": 1.5}
+    with pytest.raises(RuntimeError, match=r"probe: SIM child failed \(rc 3\): boom"):
+        run_child(["-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(3)"], "probe")

@@ -64,10 +64,16 @@ def swiglu_rows(pypto, x, xs, w1, s1, w3, s3, w2, s2, limit: float, row_w=None,
     return y
 
 
-def cube_tiles(pypto, m: int, k_dims: tuple[int, ...], n: int = FFN_CUBE_N) -> None:
+def cube_tile_sizes(m: int, k: int) -> tuple[int, int, int]:
+    """(M, K0, K1) of an INT8 matmul over m rows and a K of k: M up to FFN_CUBE_M in 16-row
+    steps, K0 / K1 the largest divisors of k up to FFN_CUBE_K0 / FFN_CUBE_K1."""
     mt = min(FFN_CUBE_M, -(-m // 16) * 16)
-    k0 = min(divisor_tile("matmul K", min(k_dims), FFN_CUBE_K0), FFN_CUBE_K0)
-    k1 = max(k0, divisor_tile("matmul K", min(k_dims), FFN_CUBE_K1))
+    k0 = divisor_tile("matmul K", k, FFN_CUBE_K0)
+    return mt, k0, max(k0, divisor_tile("matmul K", k, FFN_CUBE_K1))
+
+
+def cube_tiles(pypto, m: int, k_dims: tuple[int, ...], n: int = FFN_CUBE_N) -> None:
+    mt, k0, k1 = cube_tile_sizes(m, min(k_dims))
     pypto.set_cube_tile_shapes([mt, mt], [k0, k1], [n, n])
 
 

@@ -16,10 +16,8 @@ from ..types import ExpertWeights
 from . import runtime as rt
 from .ffn import (
     COL_TILE,
-    FFN_CUBE_K0,
-    FFN_CUBE_K1,
-    FFN_CUBE_M,
     check_weights,
+    cube_tile_sizes,
     swiglu_h,
     w2_dequant,
 )
@@ -54,11 +52,9 @@ SHARED_Y_ROW_TILE = 64
 
 
 def _cube_tiles(pypto, m: int, k: int, n: int) -> None:
-    """Cube tiles [M, K] x [N, K]^T: ffn.cube_tiles' M / K0 / weight K1, and the activation
-    K per L1 fill (SHARED_CUBE_KA1) apart."""
-    mt = min(FFN_CUBE_M, -(-m // 16) * 16)
-    k0 = divisor_tile("matmul K", k, FFN_CUBE_K0)
-    k1 = max(k0, divisor_tile("matmul K", k, FFN_CUBE_K1))
+    """Cube tiles [M, K] x [N, K]^T: ffn.cube_tile_sizes' M / K0 / weight K1, and the
+    activation K per L1 fill (SHARED_CUBE_KA1) apart."""
+    mt, k0, k1 = cube_tile_sizes(m, k)
     ka1 = k1 * divisor_tile("matmul K / K1", k // k1, max(1, SHARED_CUBE_KA1 // k1))
     pypto.set_cube_tile_shapes([mt, mt], [k0, ka1, k1], [n, n])
 

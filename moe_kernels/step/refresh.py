@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from typing import Any
 
 from ..atomic import write_atomic
 from . import cache
-
-#: The line a child prints its new entry on (anything else it prints is ignored).
-_RESULT = "MOE_REFRESH_ENTRY "
+from .child import emit, run_child
 
 
 def is_stale(entry: dict[str, Any]) -> bool:
@@ -57,13 +54,8 @@ def measure_entry(key: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure_in_child(key: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "moe_kernels.step.refresh", "--one",
-                           json.dumps(key)], capture_output=True, text=True, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    raise RuntimeError(f"{key['kernel']}: SIM child failed (rc {proc.returncode}): {tail}")
+    return run_child(["-m", "moe_kernels.step.refresh", "--one", json.dumps(key)],
+                     key["kernel"])
 
 
 def refresh(kernels: set[str] | None = None, dry_run: bool = False) -> int:
@@ -98,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: measure this key (JSON)
     args = ap.parse_args(argv)
     if args.one:
-        print(_RESULT + json.dumps(measure_entry(json.loads(args.one)), sort_keys=True))
+        emit(measure_entry(json.loads(args.one)))
         return 0
     refresh(set(args.kernel) if args.kernel else None, args.dry_run)
     return 0

@@ -23,8 +23,6 @@ regime) are simulated directly (small kernels, seconds).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,6 +32,7 @@ from ..pto import ffn
 from ..pto.report import configured_limits, roofline_us, time_stage
 from ..stages import StageShape, stage_cost
 from . import cache
+from .child import run_child
 
 #: Active experts of the two fit kernels (clipped to NL): inside the linear regime.
 FIT_EXPERTS = (4, 8)
@@ -75,25 +74,17 @@ def _measure_routed(rows: tuple[int, ...], capacity: int, hidden: int, intermedi
 
 
 def _measure_isolated(args: tuple) -> dict[str, Any]:
-    """_measure_routed, in a child interpreter when the kernel streams more than
-    ISOLATE_WEIGHT_BYTES: pypto 0.2.0 keeps GiBs per large compile (a 32-expert flash
-    kernel: 5-9 GiB peak, and a process's RSS grows with every such call), so a step that
-    simulates several ranks directly would exhaust a 24 GiB machine. (subprocess, not
-    multiprocessing: a notebook's or stdin's __main__ cannot be re-imported.)"""
+    """_measure_routed, in a child interpreter (`step.child`) when the kernel streams more
+    than ISOLATE_WEIGHT_BYTES, so a step that simulates several ranks directly does not
+    exhaust a 24 GiB machine."""
     rows, _, hidden, intermediate, _ = args
     weights = sum(1 for m in rows if m) * 3 * hidden * intermediate
     if weights <= ISOLATE_WEIGHT_BYTES:
         return _measure_routed(*args)
-    code = ("import json, sys; from moe_kernels.step.timing import _measure_routed; "
-            "a = json.loads(sys.argv[1]); a[0] = tuple(a[0]); "
-            "print('MOE_STEP_RESULT ' + json.dumps(_measure_routed(*a)))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))],
-                          capture_output=True, text=True, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("MOE_STEP_RESULT "):
-            return json.loads(line.split(" ", 1)[1])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    raise RuntimeError(f"expert_routed SIM child failed (rc {proc.returncode}): {tail}")
+    code = ("import json, sys; from moe_kernels.step.child import emit; "
+            "from moe_kernels.step.timing import _measure_routed; "
+            "a = json.loads(sys.argv[1]); a[0] = tuple(a[0]); emit(_measure_routed(*a))")
+    return run_child(["-c", code, json.dumps(list(args))], "expert_routed")
 
 
 def row_levels(capacity: int) -> tuple[int, ...]:
