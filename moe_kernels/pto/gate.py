@@ -20,7 +20,7 @@ COL_TILE = 4096
 #: Cube tiles of z = xg @ gate_w^T: M 32, K 512 in L0, up to 2048 per L1 fill (K1 must be
 #: a multiple of K0: pypto FC4000), split-K when E is small. M 32: 8 cube and 4 score
 #: tasks at demo (M 16: 16 and 8), fewer for the AICPU to dispatch and resolve.
-#: K1 is also numerics: the interpreter adds the K1-chunk partials in order (split-K).
+#: K1 is also numerics: with split-K, z3 is the sum of the K1-chunk partial matmuls.
 GATE_CUBE_M, GATE_CUBE_K, GATE_CUBE_K1 = 32, 512, 2048
 #: Cube N tile over the 3E stacked weight rows, at most 64 (one N x K0 BF16 tile fills
 #: L0B; the whole 3E in one tile overflowed L1 at flash: "Run pass failed").
@@ -64,6 +64,8 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
            and -(-t // mt) * (n16 * 16 // nt) > GATE_CUBE_CORES):
         mt += 16
     q8 = quantize_rows_q8
+    e3 = GATE_W_SPLIT * e
+    kc = d // kt1 if split_k else 1            # K chunks (partial matmuls) of z3
     st = divisor_tile("tokens", t, SCORE_TOKEN_TILE)
 
     @pypto.frontend.jit(**rt.jit_options())
@@ -81,7 +83,7 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
         """xn = bf16(x·rsqrt(mean x²+eps)·w); (q, s) = Q8(xn); score = sqrt(softplus(xn W^T));
         idx = hash | top-k(score + bias); weight = score[idx] / Σ score[idx] · scale."""
         pypto.set_vec_tile_shapes(tt, ct)
-        pypto.set_cube_tile_shapes([mt, mt], [kt, kt1], [nt, nt], split_k)
+        pypto.set_cube_tile_shapes([mt, mt], [kt, kt1], [nt, nt], False)
         x = pypto.cast(x_mixed, pypto.DT_FP32)
         ms = pypto.div(pypto.sum(pypto.mul(x, x), -1, keepdim=True), float(d))
         xn = pypto.cast(pypto.mul(pypto.mul(x, pypto.rsqrt(pypto.add(ms, eps))), norm_w),
@@ -90,7 +92,27 @@ def _gate_kernel(t: int, d: int, e: int, k: int, vocab: int, routing: str, eps: 
         xq, xs = q8(pypto, xg)
         # xg = FP32(xn) is exact in BF16, so the cube reads xn (BF16) against the BF16
         # split of gate_w: every product is exact and accumulated in FP32.
-        z3 = pypto.matmul(xn, gate_w3, pypto.DT_FP32, b_trans=True)    # [T, 3E]
+        if kc > 1:
+            # Split-K written out: one matmul per K chunk, partial c assembled into
+            # parts[:, c·3E:], so a score task loads all partials of its rows at once (pypto's
+            # own split-K: one load per partial, ~0.8 us each). z3 = p0 + p1 (+ ...) in chunk
+            # order, the interpreter's split-K sum (two chunks at demo: bit-identical).
+            parts = pypto.tensor([t, kc * e3], pypto.DT_FP32, "parts")
+            for c in range(kc):
+                pypto.assemble(pypto.matmul(pypto.view(xn, [t, kt1], [0, c * kt1]),
+                                            pypto.view(gate_w3, [e3, kt1], [0, c * kt1]),
+                                            pypto.DT_FP32, b_trans=True), [0, c * e3], parts)
+            pypto.set_vec_tile_shapes(st, kc * e3)
+            pp = pypto.mul(parts, 1.0)         # x·1.0 = x: one load, views of it are free
+            pypto.set_vec_tile_shapes(st, e3)
+            z3 = pypto.view(pp, [t, e3], [0, 0])
+            for c in range(1, kc):
+                z3 = pypto.add(z3, pypto.view(pp, [t, e3], [0, c * e3]))
+        else:
+            # x·1.0 = x: the score task loads its [st, 3E] rows once; the hi / mid / lo views
+            # below are then free UB views, not one GM load each (flash R=8: 29.7 -> 28.1 us).
+            pypto.set_vec_tile_shapes(st, e3)
+            z3 = pypto.mul(pypto.matmul(xn, gate_w3, pypto.DT_FP32, b_trans=True), 1.0)
         pypto.set_vec_tile_shapes(st, e)
         z = pypto.add(pypto.view(z3, [t, e], [0, 0]),                   # hi + (mid + lo)
                       pypto.add(pypto.view(z3, [t, e], [0, e]), pypto.view(z3, [t, e], [0, 2 * e])))
