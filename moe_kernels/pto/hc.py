@@ -7,6 +7,7 @@ torch reference in moe_kernels/reference/hc_pre.py and hc_post.py.
 # annotations as objects, not strings.
 
 import functools
+import itertools
 
 import torch
 
@@ -40,10 +41,18 @@ SB_COLS, SB_BASE_COL = 16, 8
 #: hc_post tile [tokens, hc, columns] = 1 x hc x 4096: the largest that fits the unified
 #: buffer beside the FP32 copy of the hc streams.
 POST_TOKEN_TILE, POST_COL_TILE = 1, 4096
-#: hc_post tiles merged per vector task: 128 tiles -> 43 tasks, one wave on 48 cores.
-POST_TILES_PER_TASK = 3
+#: hc_post tasks: the tokens split evenly over one task per vector core (one wave), larger
+#: tasks first, as the model dispatches them in that order (the last ones start ~7-9 us
+#: later): demo 32 x 3 + 16 x 2 tokens, 20.2 -> 18.2 us (43 x 3 before); flash 32 x 1, 9.8.
+POST_TASKS = 48
+#: hc_post tokens per task at most (the task's [tokens, hc·hc + hc, COEF_ROW] coefficient
+#: tile, 10 KiB, stays small in UB); more tokens take more waves of POST_TASKS tasks.
+POST_MAX_TOKENS = 16
+#: hc_post merge scope of task g: POST_SCOPE_BASE + g (pypto's merge of isomorphic tiles,
+#: `vec_nbuffer_setting`, packs a fixed count per task and puts the remainder first).
+POST_SCOPE_BASE = 10
 #: hc_post coefficients (comb[i, o] o-major, then post[o]) each padded to one 32-byte FP32
-#: row, so one DMA per tile brings them all and each [tokens, hc, 1] slice is an aligned UB
+#: row, so one DMA per task brings them all and each [tokens, hc, 1] slice is an aligned UB
 #: view; a strided view of a GM input is one DMA each (~0.8 us): 31.9 -> 20.2 us at demo.
 COEF_ROW = 8
 #: Mix matmul [2·mix, hc·D] x [T, hc·D]^T (hc_fn as BF16 hi + lo): one M tile, one matmul
@@ -258,44 +267,52 @@ def hc_pre(x_hc: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor,
     return (x_mixed.reshape(b, s, d), post, comb), lat
 
 
+def _post_tasks(t: int) -> list[tuple[int, int]]:
+    """hc_post's (first token, tokens) per task: t split as evenly as possible over whole
+    waves of POST_TASKS tasks (at most POST_MAX_TOKENS each; at most t), larger ones first."""
+    n = min(t, POST_TASKS * -(-t // (POST_TASKS * POST_MAX_TOKENS)))
+    q, r = divmod(t, n)
+    sizes = [q + 1] * r + [q] * (n - r)
+    return list(zip(itertools.accumulate(sizes[:-1], initial=0), sizes, strict=True))
+
+
 @functools.lru_cache(maxsize=16)
 def _hc_post_kernel(t: int, hc: int, d: int):
     pypto = rt.ensure_ready()
-    tt = divisor_tile("tokens", t, POST_TOKEN_TILE)
     ct = divisor_tile("hidden", d, POST_COL_TILE)
-    # vec_nbuffer_setting {-2: 1, -1: n}: every group of isomorphic vector subgraphs is
-    # merged n to a task (pypto's "breadth" graph merge).
-    opts = {**rt.jit_options(),
-            "pass_options": {"vec_nbuffer_setting": {-2: 1, -1: POST_TILES_PER_TASK}}}
-
     nc = hc * hc + hc
+    tasks = _post_tasks(t)
 
-    @pypto.frontend.jit(**opts)
+    @pypto.frontend.jit(**rt.jit_options())
     def hc_post_k(f: pypto.Tensor((t, 1, d), pypto.DT_BF16),
                   x: pypto.Tensor((t, hc, d), pypto.DT_BF16),
                   coef: pypto.Tensor((t, nc, COEF_ROW), pypto.DT_FP32),
                   out: pypto.Tensor((t, hc, d), pypto.DT_BF16)):
         """out[:, o] = bf16(post_o · f + Σ_i comb[i, o] · x_i), i in order.
 
-        3-D tiles [tokens, hc, columns]: one load of all hc streams and one [tokens, hc, 1]
-        load of comb[:, :, o] per output stream (the products comb[i, o]·x_i for all i in
-        one broadcast mul), instead of one [tokens, 1] load per (i, o) pair: per-DMA cost,
-        not bytes, dominates these tasks in the cost model. Sums stay in the reference's
-        order (post·f first, then i = 0..hc-1), so the result is bit-exact. coef[t, o·hc + i]
-        = comb[t, i, o], coef[t, hc·hc + o] = post[t, o], loaded once per tile (x·1.0 is
-        exact) and sliced in UB."""
-        pypto.set_vec_tile_shapes(tt, nc, COEF_ROW)
-        cf = pypto.mul(coef, 1.0)
-        pypto.set_vec_tile_shapes(tt, hc, ct)
-        ff = pypto.cast(f, pypto.DT_FP32)
-        xf = pypto.cast(x, pypto.DT_FP32)
-        for o in range(hc):
-            prod = pypto.mul(pypto.view(cf, [t, hc, 1], [0, o * hc, 0]), xf)  # comb[i,o]·x_i
-            acc = pypto.mul(pypto.view(cf, [t, 1, 1], [0, hc * hc + o, 0]), ff)
-            for i in range(hc):
-                acc = pypto.add(acc, pypto.view(prod, [t, 1, d], [0, i, 0]))
-            pypto.assemble(pypto.cast(acc, pypto.DT_BF16, pypto.CastMode.CAST_RINT),
-                           [0, o, 0], out)
+        3-D tiles [1, hc, columns]: one load of all hc streams and, per output stream, the
+        products comb[i, o]·x_i for all i in one broadcast mul by a [1, hc, 1] UB slice of
+        the coefficients: per-DMA cost, not bytes, dominates these tasks in the cost model.
+        Sums stay in the reference's order (post·f first, then i = 0..hc-1), so the result
+        is bit-exact. coef[t, o·hc + i] = comb[t, i, o], coef[t, hc·hc + o] = post[t, o],
+        loaded once per task (x·1.0 is exact). Each task (_post_tasks) is a merge scope;
+        its tokens' tiles share the coefficient tile, so they form one subgraph."""
+        for g in range(len(tasks)):
+            t0, n = tasks[g]
+            pypto.set_pass_options(sg_set_scope=POST_SCOPE_BASE + g)
+            pypto.set_vec_tile_shapes(n, nc, COEF_ROW)
+            cf = pypto.mul(pypto.view(coef, [n, nc, COEF_ROW], [t0, 0, 0]), 1.0)
+            pypto.set_vec_tile_shapes(POST_TOKEN_TILE, hc, ct)
+            ff = pypto.cast(pypto.view(f, [n, 1, d], [t0, 0, 0]), pypto.DT_FP32)
+            xf = pypto.cast(pypto.view(x, [n, hc, d], [t0, 0, 0]), pypto.DT_FP32)
+            for o in range(hc):
+                prod = pypto.mul(pypto.view(cf, [n, hc, 1], [0, o * hc, 0]), xf)  # comb[i,o]·x_i
+                acc = pypto.mul(pypto.view(cf, [n, 1, 1], [0, hc * hc + o, 0]), ff)
+                for i in range(hc):
+                    acc = pypto.add(acc, pypto.view(prod, [n, 1, d], [0, i, 0]))
+                pypto.assemble(pypto.cast(acc, pypto.DT_BF16, pypto.CastMode.CAST_RINT),
+                               [t0, o, 0], out)
+        pypto.set_pass_options(sg_set_scope=-1)
 
     return hc_post_k
 
