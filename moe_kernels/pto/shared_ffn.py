@@ -5,7 +5,8 @@ with the shared expert's own tiling, which is tuned apart from the routed kernel
 module, so that its timings in the SIM cache are keyed apart from expert_routed's): cube
 tiles with their own activation K, the SwiGLU in two I-chunks when the w1/w3 tiles take two
 cube waves (the first chunk's SwiGLU runs under the second wave; the Q8's row amax is the
-max of the chunks' amaxes), and a dequant tile per w2 panel (it runs under the w2 tasks).
+max of the chunks' amaxes), w2 panels that narrow in the order their tasks start, and a
+dequant tile per w2 panel (it runs under the w2 tasks).
 """
 # No `from __future__ import annotations`: pypto reads kernel annotations as objects.
 import functools
@@ -16,6 +17,7 @@ from ..types import ExpertWeights
 from . import runtime as rt
 from .ffn import (
     COL_TILE,
+    FFN_CUBE_M,
     check_weights,
     cube_tile_sizes,
     swiglu_h,
@@ -29,6 +31,10 @@ from .tiling import divisor_tile
 #: N tile of the shared expert's w2 matmul: the widest 32-aligned panel whose tasks fill
 #: the 24 cube cores in one wave (each task reloads the whole activation).
 SHARED_W2_N = 192
+#: w2 panels (N tile, tasks) in the order the AICPU starts them when the w2 tasks fit one
+#: cube wave: it starts one every ~0.2 µs after the Q8 phase (~4.6 µs in all), so the later
+#: tasks get narrower panels and end with the first ones; 12·192 + 8·160 + 4·128 = 4096.
+SHARED_W2_TIERS = ((SHARED_W2_N, 12), (160, 8), (128, 4))
 #: N tile of the shared expert's w1/w3 matmuls, one tile per cube task: 2 x 11 tiles
 #: fill one wave at flash (I = 2048), 2 x 22 take two at demo (see `_chunks`).
 SHARED_W13_N = 192
@@ -46,7 +52,7 @@ SHARED_CUBE_CORES = 24
 #: second chunk's SwiGLU and the Q8 of both chunks run in 4-row tasks after it. The two
 #: row tiles must differ, or the partitioner fuses the chunks into one phase again.
 SHARED_H0_ROW_TILE, SHARED_H1_ROW_TILE = 8, 4
-#: Row tile of the dequant, whose column tile is the w2 panel (SHARED_W2_N): each dequant
+#: Row tile of the dequant, whose column tile is the w2 panel (`_w2_panels`): each dequant
 #: task waits for its own w2 task only and runs beside the other w2 tasks.
 SHARED_Y_ROW_TILE = 64
 
@@ -69,6 +75,21 @@ def _chunks(t: int, d: int, i: int) -> tuple[tuple[int, int, int, int], ...]:
         return ((0, i, divisor_tile("tokens", t, SHARED_H_ROW_TILE), ct),)
     return ((0, c0, divisor_tile("tokens", t, SHARED_H0_ROW_TILE), c0),
             (c0, i - c0, divisor_tile("tokens", t, SHARED_H1_ROW_TILE), i - c0))
+
+
+def _w2_panels(t: int, d: int) -> tuple[tuple[int, int, int], ...]:
+    """The w2 output columns as (offset, width, N tile) panels: SHARED_W2_TIERS when the
+    T rows and D columns fit their one cube wave, else SHARED_W2_N throughout."""
+    tasks = -(-t // FFN_CUBE_M) * sum(k for _, k in SHARED_W2_TIERS)
+    if tasks > SHARED_CUBE_CORES or d > sum(n * k for n, k in SHARED_W2_TIERS):
+        return ((0, d, SHARED_W2_N),)
+    panels, off = [], 0
+    for n, k in SHARED_W2_TIERS:
+        width = min(n * k, d - off)
+        if width > 0:
+            panels.append((off, width, n))
+            off += width
+    return tuple(panels)
 
 
 def _swiglu_chunk(pypto, ins: tuple, limit: float, chunk: tuple[int, int, int, int]):
@@ -101,10 +122,13 @@ def _shared_body(pypto, ins: tuple, sh, limit: float, chunks: tuple) -> None:
         pypto.set_vec_tile_shapes(chunks[-1][2], c[3])   # in the last chunk's tasks
         q.append(q8_apply(pypto, h, qs))
     h_i8 = q[0] if len(q) == 1 else pypto.concat(q, -1)
-    _cube_tiles(pypto, t, w2.shape[1], SHARED_W2_N)
-    pypto.set_vec_tile_shapes(divisor_tile("tokens", t, SHARED_Y_ROW_TILE), SHARED_W2_N)
-    y = w2_dequant(pypto, h_i8, h_scale, w2, s2)
-    sh[:] = pypto.cast(y, pypto.DT_BF16, pypto.CastMode.CAST_RINT)
+    d, i = w2.shape
+    for off, width, n in _w2_panels(t, d):   # each dequant tile is its w2 panel's
+        _cube_tiles(pypto, t, i, n)
+        pypto.set_vec_tile_shapes(divisor_tile("tokens", t, SHARED_Y_ROW_TILE), n)
+        y = w2_dequant(pypto, h_i8, h_scale, pypto.view(w2, [width, i], [off, 0]),
+                       pypto.view(s2, [1, width], [0, off]))
+        pypto.assemble(pypto.cast(y, pypto.DT_BF16, pypto.CastMode.CAST_RINT), [0, off], sh)
 
 
 @functools.lru_cache(maxsize=16)
