@@ -14,6 +14,7 @@ import html
 import re
 from pathlib import Path
 
+from .atomic import write_atomic
 from .paths import REPO_ROOT
 
 #: Sub-folder of the figures folder that holds the HTML pages.
@@ -109,8 +110,8 @@ def export_html(executed: str | Path, figures_dir: str | Path) -> Path:
     body, css = share_css(body)
     out = fdir / HTML_DIRNAME / f"{Path(executed).stem}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(body, encoding="utf-8")
-    (out.parent / CSS_NAME).write_text(css, encoding="utf-8")   # the same for every page
+    write_atomic(out, body)
+    write_atomic(out.parent / CSS_NAME, css)   # the same for every page
     return out
 
 

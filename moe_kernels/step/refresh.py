@@ -36,10 +36,9 @@ def measure_entry(key: dict[str, Any]) -> dict[str, Any]:
     kernel, shape = key["kernel"], dict(key["shape"])
     if kernel == "expert_routed" and isinstance(shape.get("rows"), list):
         from . import timing
-        args = (tuple(shape["rows"]), shape["capacity"], shape["hidden"],
-                shape["intermediate"], shape["swiglu_limit"])
-        new_key = cache.make_key(kernel, timing._routed_shape(*args))
-        entry, _ = cache.cached(new_key, lambda: timing._measure_routed(*args))
+        entry, _ = timing.routed_entry(shape["rows"], shape["capacity"], shape["hidden"],
+                                       shape["intermediate"], shape["swiglu_limit"],
+                                       isolate=False)   # this already is a child process
         return entry
     from ..config import ModelConfig, RunConfig
     from ..pto import report

@@ -59,11 +59,20 @@ def routed_sim_us(rows: Sequence[int], capacity: int, hidden: int, intermediate:
     `ffn.routed_rows`), measured directly without the interpreter; 0 when no rows."""
     if not any(rows):
         return 0.0, True
+    entry, hit = routed_entry(rows, capacity, hidden, intermediate, limit)
+    return float(entry["aicore_us"]), hit
+
+
+def routed_entry(rows: Sequence[int], capacity: int, hidden: int, intermediate: int,
+                 limit: float, isolate: bool = True) -> tuple[dict[str, Any], bool]:
+    """(timing-cache entry, cache hit) of the routed kernel specialised to `rows` (some
+    nonzero); a miss is simulated in a child interpreter when the kernel is large and
+    `isolate` (a caller that already is such a child passes False)."""
     args = (tuple(int(r) for r in rows), int(capacity), int(hidden), int(intermediate),
             float(limit))
     key = cache.make_key("expert_routed", _routed_shape(*args))
-    entry, hit = cache.cached(key, lambda: _measure_isolated(args))
-    return float(entry["aicore_us"]), hit
+    return cache.cached(key, (lambda: _measure_isolated(args)) if isolate
+                        else (lambda: _measure_routed(*args)))
 
 
 def _measure_routed(rows: tuple[int, ...], capacity: int, hidden: int, intermediate: int,
